@@ -1,0 +1,153 @@
+"""The small data objects that cross the gateway/actor boundary.
+
+Everything here is compact and picklable: top-k lists, strings and floats. Full-vocabulary
+tensors never appear in these types, so they never leave a worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The text key an end-of-sequence candidate carries in string-keyed distributions. Real text
+# never contains U+FFFF (a Unicode non-character), so it cannot collide with a decoded token.
+EOS_TEXT = "\uffff<eos>"
+
+
+@dataclass(slots=True, frozen=True)
+class Commit:
+    """A piece of the shared completion text, with the token ids that produced it.
+
+    `family` names the tokenizer the ids belong to. A runner whose tokenizer is of the same
+    family appends the ids as they are (exact, no re-tokenization); any other runner encodes
+    `text` with its own tokenizer (the text bridge). `text` may be "" when a token ends in the
+    middle of a UTF-8 character: the rest of the character arrives with a later commit.
+    """
+
+    text: str
+    ids: tuple[int, ...] = ()
+    family: str = ""
+
+
+@dataclass(slots=True)
+class Candidates:
+    """Compact summary of one next-token distribution: its top-k and two scalars."""
+
+    ids: list[int]
+    texts: list[str]  # text each candidate appends in context; "" mid-character; EOS_TEXT for EOS
+    logprobs: list[float]  # full-vocabulary log-probabilities, descending
+    entropy: float  # entropy (nats) of softmax over the top-k logits; at most ln k
+    top1_prob: float  # full-vocabulary probability of the most likely token
+
+
+@dataclass(slots=True)
+class StepRequest:
+    """Advance one sequence of a language-model runner by one batched step."""
+
+    seq_id: str
+    k: int = 10
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    append: list[Commit] = field(default_factory=list)  # committed since this runner's last call
+
+
+@dataclass(slots=True)
+class StepResult:
+    seq_id: str
+    top: Candidates
+    sampled_id: int  # the runner's own choice (argmax at temperature 0), from the full vocabulary
+    sampled_text: str
+    mid_char: bool  # the sequence's text ends inside an unfinished UTF-8 character
+    processed: int  # tokens the model ran through its forward pass for this request (work)
+
+
+@dataclass(slots=True)
+class WordRequest:
+    """Nudging: let a runner write the next word(s) of a sequence greedily."""
+
+    seq_id: str
+    max_tokens: int = 8
+    append: list[Commit] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WordResult:
+    seq_id: str
+    commit: Commit  # the word, with the writer's own ids and family
+    eos: bool  # the writer chose to end the sequence
+    processed: int
+
+
+@dataclass(slots=True)
+class ScoreRequest:
+    """SIA: value of each candidate continuation of one prefix."""
+
+    seq_id: str
+    candidates: list[Commit]
+    append: list[Commit] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    seq_id: str
+    values: list[float]
+    processed: int
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    role: str
+    name: str
+    family: str  # tokenizer family: runners with equal families exchange ids, others text
+    vocab_size: int
+    max_context: int
+    device: str
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One committed step of a request, as streamed to clients."""
+
+    index: int  # decode step number within the request, from 0
+    text: str  # text this step appended ("" while a UTF-8 character is unfinished)
+    source: str  # "base" | "value" | "guidance": who chose it
+    junction: bool
+    kind: str | None  # "value" | "guidance" at a junction, else None
+    entropy: float  # base (driver) top-k entropy at this step
+    top1_prob: float  # base (driver) top-1 probability at this step
+    alpha: float | None = None  # BlendIn's weight on the guidance model at a junction
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    policy: str
+    steps: int
+    interventions: int
+    by_kind: dict[str, int]
+    work: dict[str, int]  # base_tokens, value_tokens, guidance_tokens actually processed
+
+    @property
+    def intervention_rate(self) -> float:
+        return self.interventions / self.steps if self.steps else 0.0
+
+    def to_json(self) -> dict:
+        """The object `junction generate --json` prints and `POST /v1/generate` returns."""
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "junction": {
+                "policy": self.policy,
+                "steps": self.steps,
+                "interventions": self.interventions,
+                "intervention_rate": self.intervention_rate,
+                "by_kind": dict(self.by_kind),
+                "work": dict(self.work),
+            },
+        }
