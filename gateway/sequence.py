@@ -1,0 +1,116 @@
+"""A request's state while it decodes: its text, its commit log, its counters, its queue."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from gateway.stopping import Stopping
+from shared.config import GUIDANCE_POLICIES, VALUE_POLICIES, PolicyConfig, SamplingParams
+from shared.steering import EntropyQuantile
+from shared.types import Commit, GenerationResult, TokenEvent
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give exactly one of prompt or messages")
+
+    @property
+    def driver(self) -> str:
+        """The role whose tokens form the text: the guidance model for `guidance`, else base."""
+        return "guidance" if self.policy.policy == "guidance" else "base"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        policy = self.policy.policy
+        roles = [self.driver]
+        if policy in VALUE_POLICIES:
+            roles.append("value")
+        if policy in GUIDANCE_POLICIES and self.driver != "guidance":
+            roles.append("guidance")
+        return tuple(roles)
+
+
+class Status(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    req: GenerationRequest
+    prompt_tokens: int
+    stopping: Stopping
+    families: dict[str, str]  # role -> tokenizer family
+    status: Status = Status.RUNNING
+    commits: list[Commit] = field(default_factory=list)  # the shared completion, piece by piece
+    synced: dict[str, int] = field(default_factory=dict)  # role -> commits that role has seen
+    steps: int = 0
+    interventions: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: {"value": 0, "guidance": 0})
+    work: dict[str, int] = field(
+        default_factory=lambda: {"base_tokens": 0, "value_tokens": 0, "guidance_tokens": 0}
+    )
+    finish_reason: str | None = None
+    error: str | None = None
+    quantile: EntropyQuantile | None = None
+    generator: torch.Generator | None = None  # SIA's choice at temperature T > 0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def policy(self) -> PolicyConfig:
+        return self.req.policy
+
+    def unseen(self, role: str) -> list[Commit]:
+        """Commits a role has not seen yet; marks them seen (the caller sends them)."""
+        start = self.synced.get(role, 0)
+        self.synced[role] = len(self.commits)
+        return self.commits[start:]
+
+    def commit(self, piece: Commit, tokens: int, eos: bool, event: TokenEvent) -> None:
+        """Append a chosen piece, emit its (stop-string safe) text, and check for the end."""
+        if not eos:
+            self.commits.append(piece)
+        released, reason = self.stopping(piece.text, tokens=tokens, eos=eos)
+        event.text = released
+        self.events.put_nowait(event)
+        if reason is not None:
+            self.finish(reason)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.status is Status.FINISHED:
+            return
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.events.put_nowait(self.result())
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.stopping.text,
+            finish_reason=self.finish_reason or "cancelled",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.stopping.tokens,
+            policy=self.policy.policy,
+            steps=self.steps,
+            interventions=self.interventions,
+            by_kind=dict(self.by_kind),
+            work=dict(self.work),
+        )

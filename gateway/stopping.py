@@ -1,0 +1,52 @@
+"""Stopping is its own callable: it sees each new piece of text and says when to stop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Stopping:
+    """Stop strings and the `max_tokens` budget; end of sequence is reported by the caller.
+
+    Text that could still turn out to be the start of a stop string is held back, so a client
+    never receives text that the stop string later cuts off.
+    """
+
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    text: str = ""  # everything accepted so far (without any stop string)
+    sent: int = 0  # characters of `text` already released
+    tokens: int = 0
+
+    def __call__(self, piece: str, tokens: int = 1, eos: bool = False) -> tuple[str, str | None]:
+        """Accept a piece; returns (text to release now, finish reason or None)."""
+        self.tokens += tokens
+        if eos:
+            return self._release(len(self.text)), "stop"
+        self.text += piece
+        for stop in self.stop:
+            # Only a stop string that overlaps the new piece can be new.
+            start = max(0, len(self.text) - len(piece) - len(stop) + 1)
+            at = self.text.find(stop, start)
+            if at != -1:
+                self.text = self.text[:at]
+                return self._release(len(self.text)), "stop"
+        if self.tokens >= self.max_tokens:
+            return self._release(len(self.text)), "length"
+        return self._release(len(self.text) - self._held_back()), None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        out, self.sent = self.text[self.sent : upto], upto
+        return out

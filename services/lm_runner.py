@@ -1,0 +1,293 @@
+"""A causal LM serving many sequences: per-sequence KV caches, one batched step for all.
+
+The base and guidance workers are this runner with different models and prompt styles. A
+step returns, per sequence, only a compact top-k summary; full-vocabulary logits stay here.
+
+Batching: sequences that each add one token are stepped as one right-aligned batch (see
+`services.kv`). While the same sequences keep stepping together, the batched cache is reused
+as is (no copies beyond the model's own); when membership changes, rows are sliced out as
+views and the new set is stacked once. Sequences that add several tokens at once (a prompt,
+or text another model wrote) are run on their own, so prefill never pays for padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from shared.bridge import TokenText
+from shared.models import LoadedModel
+from shared.prompts import build_prompt_ids
+from transformers import DynamicCache
+
+from services.kv import slice_row, stack_rows
+from shared.steering import topk_entropy, word_finished
+from shared.types import (
+    EOS_TEXT,
+    Candidates,
+    Commit,
+    ModelInfo,
+    StepRequest,
+    StepResult,
+    WordRequest,
+    WordResult,
+)
+
+
+@dataclass(slots=True)
+class _Sequence:
+    text: TokenText
+    generator: torch.Generator | None
+    pending: list[int] = field(default_factory=list)  # ids not yet run through the model
+    cache: DynamicCache | None = None  # batch-1 cache while the sequence is outside the batch
+    cached: int = 0  # tokens in the cache
+    logits: torch.Tensor | None = None  # next-token logits after the last forward [vocab]
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq_ids: tuple[str, ...]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, columns] 2D attention mask
+
+
+class LMRunner:
+    def __init__(self, loaded: LoadedModel, role: str, chat: bool) -> None:
+        self.loaded = loaded
+        self.role = role
+        self.chat = chat  # the guidance role gets its chat template, the base plain text
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.family = loaded.family
+        self.device = loaded.device
+        self.seqs: dict[str, _Sequence] = {}
+        self.batch: _Batch | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            role=self.role,
+            name=self.loaded.name,
+            family=self.family,
+            vocab_size=int(self.model.config.get_text_config().vocab_size),
+            max_context=self.loaded.max_context,
+            device=str(self.device),
+        )
+
+    def count_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> int:
+        ids = build_prompt_ids(self.tokenizer, prompt=prompt, messages=messages, chat=self.chat)
+        return len(ids)
+
+    def open(
+        self,
+        seq_id: str,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        seed: int | None = None,
+    ) -> int:
+        """Register a sequence; its prompt is processed lazily by its first step."""
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id!r} is already open on the {self.role} runner")
+        ids = build_prompt_ids(self.tokenizer, prompt=prompt, messages=messages, chat=self.chat)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        text = TokenText(self.tokenizer, self.family, ids, self.loaded.eos_ids)
+        self.seqs[seq_id] = _Sequence(text=text, generator=generator, pending=list(ids))
+        return len(ids)
+
+    def close(self, seq_id: str) -> None:
+        if self.seqs.pop(seq_id, None) is not None and self.batch and seq_id in self.batch.seq_ids:
+            self._unbatch()
+
+    def live(self) -> int:
+        return len(self.seqs)
+
+    # ----------------------------------------------------------------- stepping
+    @torch.inference_mode()
+    def step(self, reqs: list[StepRequest]) -> list[StepResult]:
+        """Apply each request's commits, run what is pending, return each top-k summary."""
+        processed = {r.seq_id: self._apply(r.seq_id, r.append) for r in reqs}
+        self._forward([r.seq_id for r in reqs])
+        logits = torch.stack([self.seqs[r.seq_id].logits for r in reqs])
+        summaries = self._summarize(logits, reqs)
+        for summary in summaries:
+            summary.processed = processed[summary.seq_id]
+        return summaries
+
+    @torch.inference_mode()
+    def write_words(self, reqs: list[WordRequest]) -> list[WordResult]:
+        """Nudging: each sequence's next word, written greedily and kept in its own text."""
+        processed = {r.seq_id: self._apply(r.seq_id, r.append) for r in reqs}
+        words: dict[str, list[int]] = {r.seq_id: [] for r in reqs}
+        written = {r.seq_id: "" for r in reqs}
+        eos: dict[str, bool] = {r.seq_id: False for r in reqs}
+        writing = list(reqs)
+        while writing:
+            for r in writing:
+                processed[r.seq_id] += len(self.seqs[r.seq_id].pending)
+            self._forward([r.seq_id for r in writing])
+            still = []
+            for r in writing:
+                seq = self.seqs[r.seq_id]
+                token = int(torch.argmax(seq.logits))
+                piece = seq.text.candidate_texts([token])[0]
+                if piece == EOS_TEXT:
+                    eos[r.seq_id] = True
+                    continue
+                if word_finished(written[r.seq_id], piece) and not seq.text.mid_char:
+                    continue
+                seq.text.push(token)
+                seq.pending.append(token)
+                words[r.seq_id].append(token)
+                written[r.seq_id] += piece
+                if len(words[r.seq_id]) < r.max_tokens or seq.text.mid_char:
+                    still.append(r)
+            writing = still
+        return [
+            WordResult(
+                seq_id=r.seq_id,
+                commit=Commit(written[r.seq_id], tuple(words[r.seq_id]), self.family),
+                eos=eos[r.seq_id],
+                processed=processed[r.seq_id],
+            )
+            for r in reqs
+        ]
+
+    # ----------------------------------------------------------------- internals
+    def _apply(self, seq_id: str, commits: list[Commit]) -> int:
+        """Append commits to a sequence; returns how many tokens are now pending."""
+        seq = self._seq(seq_id)
+        for commit in commits:
+            seq.pending.extend(seq.text.apply(commit))
+        return len(seq.pending)
+
+    def _seq(self, seq_id: str) -> _Sequence:
+        try:
+            return self.seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id!r} is not open on the {self.role} runner") from None
+
+    def _forward(self, seq_ids: list[str]) -> None:
+        """Run every pending token of these sequences; leaves next-token logits on each."""
+        batched = []
+        for seq_id in seq_ids:
+            seq = self.seqs[seq_id]
+            if len(seq.pending) == 1 and seq.cached > 0:
+                batched.append(seq_id)
+            elif seq.pending:  # a prompt, a first token, or text another model wrote
+                self._forward_alone(seq_id)
+            elif seq.logits is None:
+                raise RuntimeError(f"sequence {seq_id!r} has nothing to run")
+        if batched:
+            self._forward_batch(batched)
+
+    def _forward_alone(self, seq_id: str) -> None:
+        if self.batch and seq_id in self.batch.seq_ids:
+            self._unbatch()
+        seq = self.seqs[seq_id]
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=self.model.config)
+        n = len(seq.pending)
+        ids = torch.tensor([seq.pending], device=self.device)
+        positions = torch.arange(seq.cached, seq.cached + n, device=self.device)[None]
+        mask = torch.ones(1, seq.cached + n, dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=seq.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.cache = out.past_key_values
+        seq.cached += n
+        seq.pending = []
+        seq.logits = out.logits[0, -1].float()
+
+    def _forward_batch(self, seq_ids: list[str]) -> None:
+        if self.batch is None or set(self.batch.seq_ids) != set(seq_ids):
+            self._rebatch(seq_ids)
+        batch = self.batch
+        seqs = [self.seqs[s] for s in batch.seq_ids]
+        ids = torch.tensor([[s.pending[0]] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.cached] for s in seqs], device=self.device)
+        ones = torch.ones(len(seqs), 1, dtype=torch.long, device=self.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch.cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        for row, seq in enumerate(seqs):
+            seq.cached += 1
+            seq.pending = []
+            seq.logits = logits[row]
+
+    def _rebatch(self, seq_ids: list[str]) -> None:
+        self._unbatch()
+        seqs = [self.seqs[s] for s in seq_ids]
+        cache, mask = stack_rows([s.cache for s in seqs], [s.cached for s in seqs])
+        for seq in seqs:
+            seq.cache = None
+        self.batch = _Batch(tuple(seq_ids), cache, mask)
+
+    def _unbatch(self) -> None:
+        """Hand every row of the batch back to its sequence as a batch-1 cache (views)."""
+        if self.batch is None:
+            return
+        for row, seq_id in enumerate(self.batch.seq_ids):
+            seq = self.seqs.get(seq_id)
+            if seq is not None:
+                seq.cache = slice_row(self.batch.cache, row, seq.cached)
+        self.batch = None
+
+    def _summarize(self, logits: torch.Tensor, reqs: list[StepRequest]) -> list[StepResult]:
+        """Top-k, entropy, top-1 probability and the runner's own choice, for each row."""
+        k = max(r.k for r in reqs)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top_logprobs, top_ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+        results = []
+        for row, req in enumerate(reqs):
+            seq = self.seqs[req.seq_id]
+            ids = top_ids[row, : req.k].tolist()
+            lps = top_logprobs[row, : req.k]
+            sampled = self._sample(logits[row], req, seq.generator)
+            texts = seq.text.candidate_texts(ids)
+            if sampled in ids:
+                sampled_text = texts[ids.index(sampled)]
+            else:
+                sampled_text = seq.text.candidate_texts([sampled])[0]
+            results.append(
+                StepResult(
+                    seq_id=req.seq_id,
+                    top=Candidates(
+                        ids=ids,
+                        texts=texts,
+                        logprobs=lps.tolist(),
+                        entropy=float(topk_entropy(lps)),
+                        top1_prob=float(lps[0].exp()),
+                    ),
+                    sampled_id=sampled,
+                    sampled_text=sampled_text,
+                    mid_char=seq.text.mid_char,
+                    processed=0,
+                )
+            )
+        return results
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, req: StepRequest, generator: torch.Generator | None) -> int:
+        if req.temperature == 0:
+            return int(torch.argmax(logits))  # as transformers' greedy search: first maximum
+        probs = torch.softmax(logits / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < req.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
