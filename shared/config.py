@@ -95,3 +95,38 @@ class JunctionConfig:
     guidance: ModelSpec = field(default_factory=ModelSpec)
     value: ModelSpec | None = field(default_factory=ModelSpec)  # None = no value model
     limits: Limits = field(default_factory=Limits)
+
+
+def _section(cls, data: dict | None, where: str):
+    if data is None:
+        return None
+    unknown = set(data) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict) -> JunctionConfig:
+    """A JunctionConfig from plain data (a parsed YAML file); unknown fields are errors."""
+    unknown = set(data) - set(JunctionConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {', '.join(sorted(unknown))}")
+    config = JunctionConfig()
+    for role in ("base", "guidance"):
+        if role in data:
+            setattr(config, role, _section(ModelSpec, data[role] or {}, role))
+    if "value" in data:
+        config.value = _section(ModelSpec, data["value"], "value")
+    if "limits" in data:
+        config.limits = _section(Limits, data["limits"] or {}, "limits")
+    return config
+
+
+def load_config(path: str | None) -> JunctionConfig:
+    """Read a YAML config file; no path gives the embedded defaults."""
+    if path is None:
+        return JunctionConfig()
+    import yaml
+
+    with open(path) as f:
+        return config_from_dict(yaml.safe_load(f) or {})

@@ -1,0 +1,104 @@
+"""The `junction` command: generate with any policy, serve the gateway, train a value model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import typer
+
+from gateway.engine import Engine
+from gateway.sequence import GenerationRequest
+from services.factory import build_runner
+from services.handles import LocalHandle
+from shared.config import POLICIES, PolicyConfig, SamplingParams, load_config
+from shared.types import GenerationResult, TokenEvent
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def local_engine(config, roles: tuple[str, ...], progress: bool = True) -> Engine:
+    """An engine over in-process runners for the given roles (models load here)."""
+    return Engine(
+        {role: LocalHandle(build_runner(role, config, progress)) for role in roles},
+        config.limits,
+    )
+
+
+async def _run(engine: Engine, req: GenerationRequest, echo: bool) -> GenerationResult:
+    await engine.start()
+    try:
+        seq = await engine.submit(req)
+        async for item in engine.stream(seq):
+            if isinstance(item, TokenEvent) and echo:
+                sys.stdout.write(item.text)
+                sys.stdout.flush()
+            elif isinstance(item, GenerationResult):
+                return item
+        raise RuntimeError("stream ended without a result")
+    finally:
+        await engine.close()
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text (plain; the guidance model "
+                               "gets it inside its chat template)."),
+    policy: str = typer.Option("base", help=f"One of: {', '.join(POLICIES)}."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="Base sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int | None = typer.Option(None),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    k: int | None = typer.Option(None, help="Top-k width (SIA 10, BlendIn 100 by default)."),
+    entropy_threshold: float = typer.Option(1.0, "--entropy-threshold", help="SIA's H (nats)."),
+    beta: float = typer.Option(1.0, help="SIA's value weight β."),
+    value_temperature: float = typer.Option(1.0, "--value-temperature", help="SIA's T."),
+    target_ratio: float | None = typer.Option(None, "--target-ratio",
+                                              help="SIA: intervene on this share of steps."),
+    tau: float = typer.Option(0.4, help="BlendIn / Nudging confidence threshold τ."),
+    lam: float = typer.Option(0.1, help="BlendIn's λ."),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+    base: str | None = typer.Option(None, "--base", help="Base model: HF id or path."),
+    guidance: str | None = typer.Option(None, "--guidance", help="Guidance model: HF id or path."),
+    value: str | None = typer.Option(None, "--value", help="Value adapter directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate one completion with a junction policy."""
+    try:
+        cfg = load_config(config)
+        for role, source in (("base", base), ("guidance", guidance), ("value", value)):
+            if source is not None:
+                getattr(cfg, role).source = source
+        req = GenerationRequest(
+            prompt=prompt,
+            sampling=SamplingParams(max_tokens, temperature, top_p, seed, list(stop)),
+            policy=PolicyConfig(
+                policy=policy, k=k, entropy_threshold=entropy_threshold, beta=beta,
+                value_temperature=value_temperature, target_ratio=target_ratio, tau=tau, lam=lam,
+            ),
+        )
+        engine = local_engine(cfg, req.roles, progress=not as_json)
+        result = asyncio.run(_run(engine, req, echo=not as_json))
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        typer.echo()
+        typer.echo(
+            f"[{result.policy}] {result.finish_reason}; {result.steps} steps, "
+            f"{result.interventions} interventions ({result.intervention_rate:.1%}); "
+            f"work {result.work}",
+            err=True,
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The one place that turns a role and a config into a runner (in-process or inside an actor)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from services.lm_runner import LMRunner
+from services.value_runner import ValueRunner
+from shared.config import JunctionConfig
+from shared.models import load_model
+
+ROLES = ("base", "value", "guidance")
+
+
+def build_runner(role: str, config: JunctionConfig, progress: bool = True) -> Any:
+    """base and guidance are LM runners (plain text vs chat template); value scores candidates."""
+    if role == "base":
+        return LMRunner(load_model("base", config.base, progress=progress), "base", chat=False)
+    if role == "guidance":
+        loaded = load_model("guidance", config.guidance, progress=progress)
+        return LMRunner(loaded, "guidance", chat=True)
+    if role == "value":
+        if config.value is None:
+            raise ValueError("value: no value model configured")
+        spec = config.value
+        adapter = None if spec.source == "default" else Path(spec.source)
+        # The value model is an adapter on the base backbone, placed where the value role asks.
+        backbone = replace(config.base, device=spec.device, dtype=spec.dtype)
+        return ValueRunner.from_paths(backbone, adapter)
+    raise ValueError(f"role must be one of {', '.join(ROLES)}")
