@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class Sequence:
     generator: torch.Generator | None = None  # SIA's choice at temperature T > 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)  # for time to first token
 
     @property
     def id(self) -> str:

@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from shared.bridge import TokenText
-from shared.models import LoadedModel
-from shared.prompts import build_prompt_ids
 from transformers import DynamicCache
 
 from services.kv import slice_row, stack_rows
+from shared.bridge import TokenText
+from shared.models import LoadedModel
+from shared.prompts import build_prompt_ids
 from shared.steering import topk_entropy, word_finished
 from shared.types import (
     EOS_TEXT,
