@@ -1,0 +1,225 @@
+"""Junction tests and steering rules: small pure functions over top-k summaries.
+
+One section per policy of the architecture's table. Nothing here knows about models,
+workers or HTTP: inputs are top-k logits/log-probabilities, values, probabilities and the
+decoded candidate strings; outputs are decisions, indices, strings and weights.
+The `dense` policy needs no function of its own: every step is a junction.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+
+import torch
+
+from shared.types import EOS_TEXT
+
+Floats = torch.Tensor | Sequence[float]
+
+# --- junction tests ------------------------------------------------------------------------
+
+
+def topk_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax over top-k logits along the last dim; in [0, ln k].
+
+    Works on any batch shape; computed and returned in float64 (k is small), so the
+    clamp to [0, ln k] holds exactly against `math.log(k)`. log_softmax keeps huge or -inf
+    logits finite; a candidate with probability 0 contributes 0 (not 0·-inf = nan).
+    """
+    logits = logits.to(torch.float64)
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return (-plogp.sum(dim=-1)).clamp(min=0.0, max=math.log(logits.shape[-1]))
+
+
+def entropy_junction(entropy: float, threshold: float) -> bool:
+    """SIA: the base is unsure enough to consult the value model."""
+    return entropy >= threshold
+
+
+def confidence_junction(top1_prob: float, tau: float) -> bool:
+    """BlendIn / Nudging: the base's most likely token is not likely enough."""
+    return top1_prob < tau
+
+
+class EntropyQuantile:
+    """SIA's `target_ratio`: fire on about a share `ratio` of steps, preferring high entropy.
+
+    Why not just "entropy >= running (1 - r)-quantile": every value is its own quantile on
+    the first step, and any rising sequence fires every time, so the share drifts far from
+    r. Instead two rules hold the count f after n steps inside a band around r·n:
+
+        lo(n) = min(floor(r·n), ceil((r - m)·n))     hi(n) = max(ceil(r·n), floor((r + m)·n))
+
+    with slack m = min(slack, r, 1 - r). Within the band, a step fires when its entropy
+    ranks among the top floor(r·n) of the n entropies seen so far (ties count against it),
+    i.e. it lies above the running (1 - r)-quantile; outside it, the band decides: a step
+    must fire when f < lo(n) (catch up) and may not when f = hi(n) (budget spent). The band
+    starts tight and widens with n, so high entropies can cluster while the share stays
+    within r ± max(m, 1/n). Both band ends grow by at most one per step, so one decision
+    per step always keeps f inside it. r = 0 never fires (hi = 0), r = 1 always (lo = n).
+    O(n) per step (a sorted-list insert), O(log n) comparisons.
+    """
+
+    def __init__(self, ratio: float, slack: float = 0.04) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("ratio must be between 0 and 1")
+        if not 0.0 <= slack < 0.05:
+            raise ValueError("slack must be in [0, 0.05)")
+        self.ratio = ratio
+        self.slack = min(slack, ratio, 1.0 - ratio)
+        self.steps = 0
+        self.fired = 0
+        self._seen: list[float] = []
+
+    def fires(self, entropy: float) -> bool:
+        """Record this step's entropy and decide whether it is a junction."""
+        insort(self._seen, entropy)
+        self.steps += 1
+        n, r, m = self.steps, self.ratio, self.slack
+        eps = 1e-9  # r·n in floating point may land a hair off an integer
+        lo = min(math.floor(r * n + eps), math.ceil((r - m) * n - eps))
+        hi = max(math.ceil(r * n - eps), math.floor((r + m) * n + eps))
+        at_least_as_high = n - bisect_left(self._seen, entropy)
+        fire = self.fired < lo or (self.fired < hi and at_least_as_high <= r * n + eps)
+        self.fired += fire
+        return fire
+
+
+# --- SIA: value-guided choice among the base's top-k ---------------------------------------
+
+
+def sia_scores(logprobs: Floats, values: Floats, beta: float) -> torch.Tensor:
+    """Score each candidate as logit + β·V.
+
+    Log-probabilities stand in for raw logits: logprob_c = logit_c - logsumexp(logits) is
+    the same shift for every candidate, and softmax (at any temperature) and argmax do
+    not change under a common shift.
+    """
+    lp = torch.as_tensor(logprobs, dtype=torch.float64)
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if lp.shape != v.shape:
+        raise ValueError(f"logprobs {tuple(lp.shape)} and values {tuple(v.shape)} differ")
+    return lp + beta * v
+
+
+def sia_choose(
+    logprobs: Floats,
+    values: Floats,
+    beta: float,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Index of the chosen candidate: argmax at T = 0 (ties → lowest index), else a sample
+    from softmax(scores / T) drawn with `generator`."""
+    scores = sia_scores(logprobs, values, beta)
+    if scores.numel() == 0:
+        raise ValueError("no candidates")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if temperature == 0:
+        return int(torch.argmax(scores))  # torch returns the first maximal index
+    probs = torch.softmax(scores / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --- BlendIn: blend base and guidance distributions by decoded string ----------------------
+
+
+def blend_alpha(p_hat_g: float, p_hat_b: float, p_b_of_tg: float, lam: float) -> float:
+    """BlendIn's weight on the guidance model: clip(p̂_g/(p̂_b+p̂_g) + λ·p_b(t_g), 0, 1).
+
+    p̂_g, p̂_b are the two models' top-1 probabilities; p_b(t_g) is the base's probability
+    of the guidance's top-1 string (0 when the base's top-k lacks it). Two zero top-1
+    probabilities cannot come from real distributions; they give the neutral share 0.5.
+    """
+    total = p_hat_g + p_hat_b
+    share = p_hat_g / total if total > 0 else 0.5
+    return min(1.0, max(0.0, share + lam * p_b_of_tg))
+
+
+def string_distribution(texts: Sequence[str], probs: Sequence[float]) -> dict[str, float]:
+    """Probability per decoded string: duplicates summed, "" (mid-UTF-8 character) dropped.
+
+    Keys keep the order of their first occurrence.
+    """
+    dist: dict[str, float] = {}
+    for text, p in zip(texts, probs, strict=True):
+        if text:
+            dist[text] = dist.get(text, 0.0) + p
+    return dist
+
+
+def blend(base: dict[str, float], guidance: dict[str, float], alpha: float) -> dict[str, float]:
+    """α·p_g + (1−α)·p_b over the union of keys (a missing key has probability 0).
+
+    Keys come in the base's order, then the guidance-only keys in the guidance's order.
+    """
+    keys = list(base) + [key for key in guidance if key not in base]
+    return {key: alpha * guidance.get(key, 0.0) + (1 - alpha) * base.get(key, 0.0) for key in keys}
+
+
+def blendin_choose(
+    base_texts: Sequence[str],
+    base_probs: Sequence[float],
+    guidance_texts: Sequence[str],
+    guidance_probs: Sequence[float],
+    lam: float,
+) -> tuple[str, float]:
+    """One BlendIn junction: (argmax string of the blend, α).
+
+    Top-1 probabilities and the guidance's top-1 string t_g are taken per token (first
+    maximum). Ties in the blend go to the string listed first by `blend`, i.e. the base's
+    order wins. If no candidate of either list is a complete character, the base's top-1
+    text ("") is returned and the caller keeps the base's own token.
+    """
+    if not base_probs or not guidance_probs:
+        raise ValueError("both top-k lists must be non-empty")
+    base_top = max(range(len(base_probs)), key=base_probs.__getitem__)
+    guide_top = max(range(len(guidance_probs)), key=guidance_probs.__getitem__)
+    p_base = string_distribution(base_texts, base_probs)
+    p_guide = string_distribution(guidance_texts, guidance_probs)
+    alpha = blend_alpha(
+        p_hat_g=guidance_probs[guide_top],
+        p_hat_b=base_probs[base_top],
+        p_b_of_tg=p_base.get(guidance_texts[guide_top], 0.0),
+        lam=lam,
+    )
+    mixed = blend(p_base, p_guide, alpha)
+    if not mixed:
+        return base_texts[base_top], alpha
+    return max(mixed, key=mixed.__getitem__), alpha  # max keeps the first of equal keys
+
+
+# --- Nudging: the guidance model writes the next word -------------------------------------
+
+
+def word_finished(written: str, next_text: str) -> bool:
+    """True when the guidance writer should stop before appending `next_text`.
+
+    Words are whitespace-delimited, as in `str.split()`: the writer stops once it has
+    written some non-whitespace and a word boundary follows — `next_text` starts with
+    whitespace, or `written` already ends with it (tokenizers that put the space after a
+    word). Leading whitespace alone is not a word, so the writer carries on. Punctuation
+    stays with its word ("word," is one word). "" (mid-UTF-8 character) never stops it,
+    so a character is not split. EOS always stops it. Scripts without spaces rely on the
+    writer's token limit (`nudge_max_tokens`).
+    """
+    if next_text == EOS_TEXT:
+        return True
+    if not next_text or not written.strip():
+        return False
+    return next_text[0].isspace() or written[-1].isspace()
+
+
+# --- Best-of-N -----------------------------------------------------------------------------
+
+
+def best_of(scores: Sequence[float]) -> int:
+    """Index of the best-scored completion (ties → the first)."""
+    if not scores:
+        raise ValueError("no scores")
+    return max(range(len(scores)), key=scores.__getitem__)

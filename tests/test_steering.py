@@ -1,0 +1,413 @@
+"""The junction tests and steering rules, as tables of inputs and expected outputs."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.steering import (
+    EntropyQuantile,
+    best_of,
+    blend,
+    blend_alpha,
+    blendin_choose,
+    confidence_junction,
+    entropy_junction,
+    sia_choose,
+    sia_scores,
+    string_distribution,
+    topk_entropy,
+    word_finished,
+)
+from shared.types import EOS_TEXT
+
+INF = float("inf")
+finite = st.floats(min_value=-50, max_value=50, allow_nan=False)
+prob = st.floats(min_value=0, max_value=1, allow_nan=False)
+
+# --- entropy -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "logits, expected",
+    [
+        ([0.0, 0.0], math.log(2)),
+        ([0.0] * 10, math.log(10)),
+        ([3.0] * 4, math.log(4)),
+        ([0.0, -INF], 0.0),
+        ([0.0, 0.0, -INF], math.log(2)),
+        ([math.log(1), math.log(3)], -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))),
+        ([1000.0, 0.0], 0.0),  # huge logits stay finite
+        ([5.0], 0.0),
+    ],
+)
+def test_topk_entropy(logits: list[float], expected: float) -> None:
+    assert topk_entropy(torch.tensor(logits)).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_topk_entropy_is_batched_over_leading_dims() -> None:
+    logits = torch.tensor([[[0.0, 0.0], [0.0, -INF]], [[1.0, 1.0], [7.0, -INF]]])
+    expected = torch.tensor([[math.log(2), 0.0], [math.log(2), 0.0]], dtype=torch.float64)
+    assert torch.allclose(topk_entropy(logits), expected, atol=1e-6)
+
+
+def test_topk_entropy_is_float64_whatever_the_input() -> None:
+    h = topk_entropy(torch.zeros(3, 10, dtype=torch.bfloat16))
+    assert h.dtype == torch.float64
+    assert torch.allclose(h, torch.full((3,), math.log(10), dtype=torch.float64))
+
+
+@given(st.lists(finite, min_size=1, max_size=64))
+def test_topk_entropy_lies_in_zero_to_ln_k(logits: list[float]) -> None:
+    h = topk_entropy(torch.tensor(logits)).item()
+    assert 0.0 <= h <= math.log(len(logits))
+
+
+@given(st.lists(finite, min_size=1, max_size=32), finite)
+def test_topk_entropy_ignores_a_common_shift(logits: list[float], shift: float) -> None:
+    t = torch.tensor(logits, dtype=torch.float64)
+    assert topk_entropy(t + shift).item() == pytest.approx(topk_entropy(t).item(), abs=1e-9)
+
+
+# --- junction tests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entropy, threshold, expected",
+    [(1.0, 1.0, True), (0.99, 1.0, False), (2.3, 1.0, True), (0.0, 0.0, True), (0.5, 2.3, False)],
+)
+def test_entropy_junction(entropy: float, threshold: float, expected: bool) -> None:
+    assert entropy_junction(entropy, threshold) is expected
+
+
+@pytest.mark.parametrize(
+    "top1_prob, tau, expected",
+    [(0.39, 0.4, True), (0.4, 0.4, False), (0.9, 0.4, False), (0.0, 0.0, False), (0.99, 1.0, True)],
+)
+def test_confidence_junction(top1_prob: float, tau: float, expected: bool) -> None:
+    assert confidence_junction(top1_prob, tau) is expected
+
+
+# --- SIA -------------------------------------------------------------------------------------
+
+
+def test_sia_scores_add_beta_times_value() -> None:
+    scores = sia_scores(torch.tensor([-0.1, -2.0, -3.0]), torch.tensor([0.0, 1.0, -1.0]), 2.0)
+    assert torch.allclose(scores, torch.tensor([-0.1, 0.0, -5.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "beta, expected",
+    [
+        (0.0, 0),  # the base's own argmax
+        (0.4, 0),  # β·V = 0.4 < the logit gap 0.5
+        (0.5, 0),  # β·V = gap: a tie goes to the lower index
+        (0.6, 1),  # β·V outweighs the gap
+        (-1.0, 0),
+    ],
+)
+def test_sia_argmax_moves_when_beta_v_outweighs_the_logit_gap(beta: float, expected: int) -> None:
+    assert sia_choose([-0.5, -1.0, -4.0], [0.0, 1.0, 0.0], beta, temperature=0.0) == expected
+
+
+@given(st.lists(st.tuples(finite, finite), min_size=1, max_size=20), finite)
+def test_sia_log_probs_choose_like_raw_logits(
+    pairs: list[tuple[float, float]], beta: float
+) -> None:
+    logits = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    values = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    raw = sia_scores(logits, values, beta)
+    # the same choice up to float rounding: a maximizer of the raw logit + β·V
+    assert raw[sia_choose(logprobs, values, beta, 0.0)] >= raw.max() - 1e-9
+    for t in (0.5, 1.0, 3.0):
+        a = torch.softmax(sia_scores(logprobs, values, beta) / t, dim=-1)
+        b = torch.softmax(sia_scores(logits, values, beta) / t, dim=-1)
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "logprobs, values, beta, temperature, expected",
+    [
+        ([math.log(0.5), math.log(0.3), math.log(0.2)], [0.0, 0.0, 0.0], 1.0, 1.0, [0.5, 0.3, 0.2]),
+        # scores / T = [0, -ln 3]  ->  softmax = [3/4, 1/4]
+        ([0.0, 0.0], [0.0, -2 * math.log(3)], 1.0, 2.0, [0.75, 0.25]),
+        # β·V turns [ln .8, ln .2] into [ln .8, ln .8]  ->  a fair coin
+        ([math.log(0.8), math.log(0.2)], [0.0, math.log(4)], 1.0, 1.0, [0.5, 0.5]),
+    ],
+)
+def test_sia_sampling_follows_the_softmax(
+    logprobs: list[float],
+    values: list[float],
+    beta: float,
+    temperature: float,
+    expected: list[float],
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    draws = 20_000
+    counts = [0] * len(expected)
+    for _ in range(draws):
+        counts[sia_choose(logprobs, values, beta, temperature, gen)] += 1
+    for count, p in zip(counts, expected, strict=True):
+        assert count / draws == pytest.approx(p, abs=0.015)
+
+
+def test_sia_sampling_is_reproducible_with_a_seeded_generator() -> None:
+    def draw(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return [sia_choose([0.0] * 10, [0.0] * 10, 1.0, 1.0, gen) for _ in range(50)]
+
+    assert draw(7) == draw(7)
+    assert len(set(draw(7))) > 1
+
+
+@pytest.mark.parametrize(
+    "logprobs, values, temperature",
+    [([0.0, 0.0], [1.0], 0.0), ([], [], 0.0), ([0.0], [0.0], -1.0)],
+)
+def test_sia_choose_rejects_bad_input(
+    logprobs: list[float], values: list[float], temperature: float
+) -> None:
+    with pytest.raises(ValueError):
+        sia_choose(logprobs, values, 1.0, temperature)
+
+
+# --- SIA target_ratio ------------------------------------------------------------------------
+
+
+def run(ratio: float, entropies: list[float]) -> list[bool]:
+    quantile = EntropyQuantile(ratio)
+    return [quantile.fires(h) for h in entropies]
+
+
+@given(
+    st.floats(min_value=0, max_value=1),
+    st.lists(
+        st.one_of(st.floats(min_value=0, max_value=math.log(10)), st.sampled_from([0.0, 1.0])),
+        min_size=50,
+        max_size=300,
+    ),
+)
+def test_target_ratio_share_holds_for_any_sequence(ratio: float, entropies: list[float]) -> None:
+    fired = run(ratio, entropies)
+    for n in range(50, len(entropies) + 1):  # every prefix is itself a sequence
+        assert abs(sum(fired[:n]) / n - ratio) <= 0.05
+
+
+@given(st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=100))
+def test_target_ratio_zero_never_fires_and_one_always_fires(entropies: list[float]) -> None:
+    assert not any(run(0.0, entropies))
+    assert all(run(1.0, entropies))
+
+
+@pytest.mark.parametrize(
+    "ratio, entropies, expected",
+    [
+        # worked by hand: the first step is not fired on its own; the band forces step 2
+        (0.5, [0.1, 2.0, 0.2, 1.5, 0.3, 1.8], [False, True, False, True, False, True]),
+        (0.0, [2.0, 2.0, 2.0], [False, False, False]),
+        (1.0, [0.0, 0.0, 0.0], [True, True, True]),
+    ],
+)
+def test_target_ratio_decisions(ratio: float, entropies: list[float], expected: list[bool]) -> None:
+    assert run(ratio, entropies) == expected
+
+
+@pytest.mark.parametrize("period", [2, 4, 5, 10])
+def test_target_ratio_fires_exactly_on_the_periodic_peaks(period: int) -> None:
+    entropies = [2.0 if (i + 1) % period == 0 else 0.1 for i in range(200)]
+    assert run(1 / period, entropies) == [h == 2.0 for h in entropies]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+def test_target_ratio_prefers_high_entropy(ratio: float) -> None:
+    rng = random.Random(0)
+    high = [rng.random() < ratio for _ in range(400)]
+    entropies = [rng.uniform(1.5, 2.3) if h else rng.uniform(0.0, 0.5) for h in high]
+    fired = run(ratio, entropies)
+    on_high = sum(f and h for f, h in zip(fired, high, strict=True))
+    assert on_high / sum(fired) >= 0.75  # chance would be about `ratio`
+    assert on_high / sum(high) >= 0.75
+
+
+def test_target_ratio_counts_steps_and_junctions() -> None:
+    quantile = EntropyQuantile(0.5)
+    fired = [quantile.fires(h) for h in [0.1, 2.0, 0.2, 1.5]]
+    assert (quantile.steps, quantile.fired) == (4, sum(fired))
+
+
+@pytest.mark.parametrize("ratio, slack", [(-0.1, 0.04), (1.1, 0.04), (0.5, 0.05), (0.5, -0.01)])
+def test_target_ratio_rejects_bad_settings(ratio: float, slack: float) -> None:
+    with pytest.raises(ValueError):
+        EntropyQuantile(ratio, slack)
+
+
+# --- BlendIn ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "p_hat_g, p_hat_b, p_b_of_tg, lam, expected",
+    [
+        (0.6, 0.3, 0.1, 0.1, 0.6 / 0.9 + 0.01),
+        (0.2, 0.2, 0.0, 0.1, 0.5),
+        (0.3, 0.1, 0.2, 0.0, 0.75),
+        (0.9, 0.1, 0.5, 0.1, 0.95),
+        (0.95, 0.05, 1.0, 0.1, 1.0),  # 1.05 clipped
+        (0.1, 0.9, 0.5, -1.0, 0.0),  # -0.4 clipped
+        (0.0, 0.0, 0.0, 0.1, 0.5),  # degenerate: neither model preferred
+    ],
+)
+def test_blend_alpha(
+    p_hat_g: float, p_hat_b: float, p_b_of_tg: float, lam: float, expected: float
+) -> None:
+    assert blend_alpha(p_hat_g, p_hat_b, p_b_of_tg, lam) == pytest.approx(expected)
+
+
+@given(prob, prob, prob, st.floats(min_value=-10, max_value=10))
+def test_blend_alpha_lies_in_zero_to_one(g: float, b: float, pbtg: float, lam: float) -> None:
+    assert 0.0 <= blend_alpha(g, b, pbtg, lam) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "texts, probs, expected",
+    [
+        (["a", "b", "a"], [0.5, 0.2, 0.1], {"a": 0.6, "b": 0.2}),
+        (["", " x", ""], [0.5, 0.3, 0.2], {" x": 0.3}),  # "" = mid-character, dropped
+        ([EOS_TEXT, "."], [0.7, 0.3], {EOS_TEXT: 0.7, ".": 0.3}),
+        ([], [], {}),
+    ],
+)
+def test_string_distribution(texts: list[str], probs: list[float], expected: dict) -> None:
+    dist = string_distribution(texts, probs)
+    assert dist == pytest.approx(expected)
+    assert list(dist) == list(expected)  # first-occurrence order
+
+
+def test_string_distribution_rejects_unequal_lengths() -> None:
+    with pytest.raises(ValueError):
+        string_distribution(["a", "b"], [1.0])
+
+
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (0.5, {"a": 0.3, "b": 0.45, "c": 0.25}),
+        (0.0, {"a": 0.6, "b": 0.4, "c": 0.0}),
+        (1.0, {"a": 0.0, "b": 0.5, "c": 0.5}),
+        (0.2, {"a": 0.48, "b": 0.42, "c": 0.1}),
+    ],
+)
+def test_blend_over_the_union(alpha: float, expected: dict[str, float]) -> None:
+    mixed = blend({"a": 0.6, "b": 0.4}, {"b": 0.5, "c": 0.5}, alpha)
+    assert mixed == pytest.approx(expected)
+    assert list(mixed) == ["a", "b", "c"]  # base order, then guidance-only keys
+
+
+def distribution(keys: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, float]]:
+    weights = st.dictionaries(keys, st.floats(min_value=0.01, max_value=1), min_size=1)
+    return weights.map(lambda w: {k: v / sum(w.values()) for k, v in w.items()})
+
+
+@given(distribution(st.sampled_from("abcdef")), distribution(st.sampled_from("defgh")), prob)
+def test_blend_of_distributions_sums_to_one(
+    base: dict[str, float], guidance: dict[str, float], alpha: float
+) -> None:
+    mixed = blend(base, guidance, alpha)
+    assert set(mixed) == set(base) | set(guidance)
+    assert sum(mixed.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "base_texts, base_probs, guidance_texts, guidance_probs, text, alpha",
+    [
+        # α = .6/.9 + .1·.25; " a" = α·.6 + (1−α)·.25 beats " the" = α·.2 + (1−α)·.3
+        ([" the", " a"], [0.3, 0.25], [" a", " the"], [0.6, 0.2], " a", 0.6 / 0.9 + 0.025),
+        # an unsure guidance model (α ≈ .25) leaves the base's choice in place
+        ([" yes", " no"], [0.35, 0.3], [" no", " maybe"], [0.1, 0.09], " yes", 0.1 / 0.45 + 0.03),
+        # duplicates merge: "Hi" is .6 for the guidance although its top token is "Yo"
+        (["Yo", "Hi"], [0.35, 0.3], ["Hi", "Hi", "Yo"], [0.3, 0.3, 0.4], "Hi", 0.4 / 0.75 + 0.035),
+        # a tie goes to the base's order
+        (["x", "y"], [0.3, 0.3], ["y", "x"], [0.3, 0.3], "x", 0.5 + 0.03),
+        (["y", "x"], [0.3, 0.3], ["x", "y"], [0.3, 0.3], "y", 0.5 + 0.03),
+        # end of sequence is a key like any other
+        ([" so", EOS_TEXT], [0.3, 0.2], [EOS_TEXT, " so"], [0.8, 0.1], EOS_TEXT, 0.8 / 1.1 + 0.02),
+        # mid-character candidates never win; t_g = "" has base probability 0
+        (["", " a"], [0.5, 0.2], ["", " b"], [0.9, 0.05], " a", 0.9 / 1.4),
+        # nothing complete on either side: the base's own (mid-character) choice
+        (["", ""], [0.5, 0.2], [""], [0.9], "", 0.9 / 1.4),
+    ],
+)
+def test_blendin_choose(
+    base_texts: list[str],
+    base_probs: list[float],
+    guidance_texts: list[str],
+    guidance_probs: list[float],
+    text: str,
+    alpha: float,
+) -> None:
+    chosen, a = blendin_choose(base_texts, base_probs, guidance_texts, guidance_probs, lam=0.1)
+    assert chosen == text
+    assert a == pytest.approx(alpha)
+
+
+def test_blendin_choose_rejects_empty_lists() -> None:
+    with pytest.raises(ValueError):
+        blendin_choose([], [], ["a"], [1.0], lam=0.1)
+
+
+# --- Nudging ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "written, next_text, expected",
+    [
+        ("", " Hello", False),  # nothing written yet
+        (" ", "Hello", False),  # leading whitespace is not a word
+        ("\n\n", "Sure", False),
+        ("Hel", "lo", False),  # inside a word
+        ("Hello", ",", False),  # punctuation stays with its word
+        ("Sure", "!", False),
+        ("Hello", "", False),  # mid-UTF-8 character: finish the character
+        (" Hello", " world", True),  # a new word begins
+        ("Hello,", " world", True),
+        ("Hello", "\n", True),
+        ("Hello ", "world", True),  # the boundary is already written
+        ("", EOS_TEXT, True),
+        ("Hello", EOS_TEXT, True),
+    ],
+)
+def test_word_finished(written: str, next_text: str, expected: bool) -> None:
+    assert word_finished(written, next_text) is expected
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_word_finished_splits_like_str_split(word: str, rest: str) -> None:
+    """Writing token by token until `word_finished` yields the first word of str.split()."""
+    text = f" {word} {rest}"
+    written = ""
+    for ch in text:  # one character per token
+        if word_finished(written, ch):
+            break
+        written += ch
+    assert written.split()[:1] == text.split()[:1]
+
+
+# --- Best-of-N -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores, expected",
+    [([0.1, 0.5, 0.3], 1), ([2.0, 2.0, 1.0], 0), ([-1.0], 0), ([-3.0, -1.0, -1.0], 1)],
+)
+def test_best_of(scores: list[float], expected: int) -> None:
+    assert best_of(scores) == expected
+
+
+def test_best_of_rejects_no_scores() -> None:
+    with pytest.raises(ValueError):
+        best_of([])
