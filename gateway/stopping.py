@@ -25,16 +25,18 @@ class Stopping:
         if eos:
             return self._release(len(self.text)), "stop"
         self.text += piece
-        for stop in self.stop:
-            # Only a stop string that overlaps the new piece can be new.
-            start = max(0, len(self.text) - len(piece) - len(stop) + 1)
-            at = self.text.find(stop, start)
-            if at != -1:
-                self.text = self.text[:at]
-                return self._release(len(self.text)), "stop"
+        hits = [at for at in map(self._find_new, self.stop) if at != -1]
+        if hits:
+            self.text = self.text[: min(hits)]  # the earliest stop string wins
+            return self._release(len(self.text)), "stop"
         if self.tokens >= self.max_tokens:
             return self._release(len(self.text)), "length"
         return self._release(len(self.text) - self._held_back()), None
+
+    def _find_new(self, stop: str) -> int:
+        """Where `stop` first occurs, looking only where the last piece could have made it."""
+        start = max(0, self.sent - len(stop) + 1)
+        return self.text.find(stop, start)
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
