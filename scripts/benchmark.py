@@ -1,0 +1,159 @@
+"""Side-by-side speed ratios, measured in one run on the same model and prompts.
+
+    python scripts/benchmark.py --suite core --runs 3 --tokens 32
+
+Suites (each prints ratios, mean and min–max over the runs, measured interleaved):
+  core   Junction's in-process base-only loop ÷ transformers `generate` (single stream, greedy),
+         and batch-of-8 aggregate throughput ÷ single stream.
+  serve  gateway + Ray actors, single stream ÷ the in-process loop; 8 concurrent streaming
+         clients ÷ one client (aggregate tokens/s).
+  sia    SIA at target_ratio 0.2 ÷ dense: wall time and value-model work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.engine import Engine  # noqa: E402
+from gateway.sequence import GenerationRequest  # noqa: E402
+from services.handles import LocalHandle  # noqa: E402
+from services.lm_runner import LMRunner  # noqa: E402
+from shared.config import Limits, ModelSpec, PolicyConfig, SamplingParams  # noqa: E402
+from shared.models import load_model  # noqa: E402
+from shared.prompts import build_prompt_ids  # noqa: E402
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Photosynthesis is the process by which",
+    "A good way to learn a new language is",
+    "The main causes of the French Revolution were",
+    "To make a simple tomato sauce, you",
+    "The tallest mountains in the world are",
+    "In computer science, a hash table is",
+    "The rules of chess say that a pawn",
+]
+
+
+def summarize(name: str, values: list[float], goal: float | None = None) -> dict:
+    row = {
+        "metric": name,
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+    }
+    if goal is not None:
+        row["goal"] = goal
+    return row
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        goal = f"  (goal ≥ {r['goal']})" if "goal" in r else ""
+        print(
+            f"{r['metric']:<58} {r['mean']:8.3f}  [{r['min']:.3f} – {r['max']:.3f}]"
+            f"  n={r['runs']}{goal}"
+        )
+
+
+# ----------------------------------------------------------------------------- core
+def hf_generate_tps(loaded, prompts: list[str], tokens: int) -> float:
+    """transformers' own greedy generate, one prompt at a time."""
+    model, total, elapsed = loaded.model, 0, 0.0
+    for prompt in prompts:
+        ids = torch.tensor([build_prompt_ids(loaded.tokenizer, prompt=prompt, chat=False)])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+            )
+        elapsed += time.perf_counter() - start
+        total += out.shape[1] - ids.shape[1]
+    return total / elapsed
+
+
+def base_request(prompt: str, tokens: int, policy: str = "base", **options) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt,
+        sampling=SamplingParams(max_tokens=tokens, seed=0),
+        policy=PolicyConfig(policy=policy, **options),
+    )
+
+
+async def engine_tps(engine: Engine, prompts: list[str], tokens: int, concurrent: bool) -> float:
+    """Junction's loop: prompts one after another, or all at once (continuous batching)."""
+    reqs = [base_request(p, tokens) for p in prompts]
+    start = time.perf_counter()
+    if concurrent:
+        results = await asyncio.gather(*(engine.generate(r) for r in reqs))
+    else:
+        results = [await engine.generate(r) for r in reqs]
+    elapsed = time.perf_counter() - start
+    return sum(r.completion_tokens for r in results) / elapsed
+
+
+def core_suite(runs: int, tokens: int) -> list[dict]:
+    loaded = load_model("base", ModelSpec())
+    runner = LMRunner(loaded, "base", chat=False)
+    vs_hf, batch8 = [], []
+
+    async def one_run() -> tuple[float, float, float]:
+        engine = Engine({"base": LocalHandle(runner)}, Limits(max_concurrency=64))
+        await engine.start()
+        try:
+            single = await engine_tps(engine, PROMPTS[:4], tokens, concurrent=False)
+            batched = await engine_tps(engine, PROMPTS[:8], tokens, concurrent=True)
+        finally:
+            await engine.close()
+        return single, batched, hf_generate_tps(loaded, PROMPTS[:4], tokens)
+
+    hf_generate_tps(loaded, PROMPTS[:1], 4)  # warm-up
+    for i in range(runs):
+        single, batched, hf = asyncio.run(one_run())
+        print(f"  run {i + 1}: junction {single:.1f} tok/s, transformers {hf:.1f} tok/s, "
+              f"batch-8 {batched:.1f} tok/s", file=sys.stderr)
+        vs_hf.append(single / hf)
+        batch8.append(batched / single)
+    return [
+        summarize("core: junction base loop ÷ transformers generate", vs_hf, 1.0),
+        summarize("core: batch-of-8 throughput ÷ single stream", batch8, 3.0),
+    ]
+
+
+SUITES: dict[str, Callable[[int, int], list[dict]]] = {"core": core_suite}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = parser.parse_args()
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    rows = []
+    for name in names:
+        print(f"== {name} (runs={args.runs}, tokens={args.tokens})", file=sys.stderr)
+        rows += SUITES[name](args.runs, args.tokens)
+    print_rows(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

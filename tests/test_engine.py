@@ -1,0 +1,225 @@
+"""The decode loop on tiny models: every policy end to end, its counters, and its work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from gateway.engine import Engine, EngineOverloaded
+from gateway.sequence import GenerationRequest
+from services.handles import LocalHandle
+from services.lm_runner import LMRunner
+from services.value_runner import ValueRunner
+from shared.config import Limits, ModelSpec, PolicyConfig, SamplingParams
+from shared.models import load_model
+from shared.prompts import build_prompt_ids
+from shared.types import Commit, GenerationResult, TokenEvent
+from shared.value_model import build_value_model
+
+
+@pytest.fixture()
+def workers(tiny_gemma, tiny_llama):
+    """Base = tiny Gemma (byte-fallback tokenizer); guidance = tiny Llama (byte-level BPE)."""
+    base = load_model("base", ModelSpec(source=str(tiny_gemma.path)), progress=False)
+    guidance = load_model("guidance", ModelSpec(source=str(tiny_llama.path)), progress=False)
+    value_backbone = load_model("value", ModelSpec(source=str(tiny_gemma.path)), progress=False)
+    runners = {
+        "base": LMRunner(base, "base", chat=False),
+        "guidance": LMRunner(guidance, "guidance", chat=True),
+        "value": ValueRunner(value_backbone, build_value_model(value_backbone.model, seed=0)),
+    }
+    return runners
+
+
+def run(workers, *reqs: GenerationRequest, limits: Limits | None = None) -> list[GenerationResult]:
+    async def main():
+        engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, limits)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.generate(r) for r in reqs))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def request(policy: str, max_tokens: int = 12, **options) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="the cat sat on",
+        sampling=SamplingParams(max_tokens=max_tokens, seed=0),
+        policy=PolicyConfig(policy=policy, **options),
+    )
+
+
+def test_base_greedy_equals_transformers_generate(workers, tiny_gemma):
+    (result,) = run(workers, request("base", max_tokens=16))
+    ids = build_prompt_ids(tiny_gemma.tokenizer, prompt="the cat sat on", chat=False)
+    out = tiny_gemma.model.generate(
+        torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+    )
+    expected = tiny_gemma.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert result.text == expected
+    assert result.finish_reason == "length"
+    assert (result.steps, result.interventions) == (16, 0)
+    assert result.work == {"base_tokens": len(ids) + 15, "value_tokens": 0, "guidance_tokens": 0}
+
+
+def test_guidance_policy_is_the_guidance_models_own_greedy_output(workers, tiny_llama):
+    (result,) = run(workers, request("guidance", max_tokens=10))
+    ids = build_prompt_ids(tiny_llama.tokenizer, prompt="the cat sat on", chat=True)
+    out = tiny_llama.model.generate(
+        torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0
+    )
+    assert result.text == tiny_llama.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert result.intervention_rate == 1.0
+    assert result.work["base_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "options", "rate"),
+    [
+        ("base", {}, (0.0, 0.0)),
+        ("dense", {}, (1.0, 1.0)),
+        ("sia", {"entropy_threshold": 0.0}, (1.0, 1.0)),  # H = 0: every step is a junction
+        ("sia", {"entropy_threshold": 100.0}, (0.0, 0.0)),  # above ln k: never
+        ("blendin", {"tau": 1.01}, (1.0, 1.0)),  # top-1 prob is always below 1.01
+        ("blendin", {"tau": 0.0}, (0.0, 0.0)),
+        ("nudging", {"tau": 1.01}, (1.0, 1.0)),
+        ("guidance", {}, (1.0, 1.0)),
+    ],
+)
+def test_intervention_rate_follows_the_junction_test(workers, policy, options, rate):
+    (result,) = run(workers, request(policy, **options))
+    assert rate[0] <= result.intervention_rate <= rate[1]
+    kind = "value" if policy in ("sia", "dense") else "guidance"
+    assert result.by_kind[kind] == result.interventions
+    assert sum(result.by_kind.values()) == result.interventions
+
+
+def test_value_work_is_new_prefix_tokens_plus_k_per_junction(workers):
+    k = 6
+    (result,) = run(workers, request("dense", max_tokens=10, k=k, value_temperature=0.0))
+    prompt = workers["base"].count_prompt("the cat sat on")
+    steps = result.steps
+    # Each junction scores k candidates; between junctions the prefix grows by one base token.
+    # Not k full sequences, which would cost about k * (prompt + t) per step.
+    assert result.work["value_tokens"] == prompt + (steps - 1) + k * steps
+    assert result.work["value_tokens"] < k * prompt * steps
+
+
+class RecordingRunner(LMRunner):
+    """An LM runner that remembers how many tokens each sequence had in its cache at close."""
+
+    held: dict[str, int]
+
+    def close(self, seq_id: str) -> None:
+        self.held = getattr(self, "held", {})
+        if seq_id in self.seqs:
+            self.held[seq_id] = self.seqs[seq_id].cached
+        super().close(seq_id)
+
+
+@pytest.mark.parametrize("policy", ["blendin", "nudging"])
+def test_guidance_processes_each_token_it_holds_exactly_once(workers, policy):
+    guidance = workers["guidance"]
+    workers["guidance"] = RecordingRunner(guidance.loaded, "guidance", chat=True)
+    req = request(policy, max_tokens=10, tau=1.01, k=20)
+    (result,) = run(workers, req)
+    assert result.interventions == result.steps
+    # Consulted at every step, the guidance still only ran the text added since its last
+    # call: in total exactly the tokens it holds (its chat prompt plus the shared text).
+    # Re-encoding the whole text at each junction would cost about steps times as much.
+    held = workers["guidance"].held[req.request_id]
+    assert result.work["guidance_tokens"] == held
+    assert held > workers["guidance"].count_prompt("the cat sat on")
+
+
+def test_nudging_words_come_from_the_guidance_model(workers):
+    (result,) = run(workers, request("nudging", max_tokens=12, tau=1.01))
+    assert result.by_kind["guidance"] == result.interventions > 0
+    assert result.work["guidance_tokens"] > 0
+    assert result.completion_tokens <= 12
+
+
+def test_stop_string_ends_the_request_and_cuts_the_text(workers):
+    (free,) = run(workers, request("base", max_tokens=16))
+    stop = free.text[3:6]
+    req = request("base", max_tokens=16)
+    req.sampling.stop = [stop]
+    (result,) = run(workers, req)
+    assert result.finish_reason == "stop"
+    assert result.text == free.text[: free.text.index(stop)]
+
+
+def test_concurrent_requests_share_ticks_and_give_the_same_text_as_alone(workers):
+    alone = [run(workers, request(p, max_tokens=8))[0].text for p in ("base", "blendin")]
+    together = run(workers, request("base", max_tokens=8), request("blendin", max_tokens=8))
+    assert [r.text for r in together] == alone
+    assert all(w.live() == 0 for w in workers.values())
+
+
+def test_sia_without_a_value_model_is_a_clear_error(workers):
+    del workers["value"]
+    with pytest.raises(ValueError, match="policy: sia needs a value model"):
+        run(workers, request("sia"))
+
+
+def test_limits(workers):
+    with pytest.raises(ValueError, match="max_tokens"):
+        run(workers, request("base", max_tokens=50), limits=Limits(max_tokens=10))
+    long = GenerationRequest(prompt="word " * 100, sampling=SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="prompt"):
+        run(workers, long, limits=Limits(max_prompt_tokens=20))
+    with pytest.raises(EngineOverloaded):
+        run(workers, request("base"), request("base"), limits=Limits(max_concurrency=1))
+    assert all(w.live() == 0 for w in workers.values())
+
+
+def test_cancel_frees_the_sequence_on_every_worker(workers):
+    async def main():
+        engine = Engine({r: LocalHandle(w) for r, w in workers.items()})
+        await engine.start()
+        seq = await engine.submit(request("blendin", max_tokens=200, tau=1.01))
+        events = []
+        async for item in engine.stream(seq):
+            events.append(item)
+            if len(events) == 3:
+                engine.cancel(seq)
+            if isinstance(item, GenerationResult):
+                break
+        await asyncio.sleep(0.1)
+        await engine.close()
+        return events
+
+    events = asyncio.run(main())
+    assert isinstance(events[-1], GenerationResult)
+    assert events[-1].finish_reason == "cancelled"
+    assert all(isinstance(e, TokenEvent) for e in events[:-1])
+    assert all(w.live() == 0 for w in workers.values())
+
+
+def test_events_stream_the_same_text_as_the_result(workers):
+    async def main():
+        engine = Engine({r: LocalHandle(w) for r, w in workers.items()})
+        await engine.start()
+        seq = await engine.submit(request("blendin", max_tokens=10, tau=0.5))
+        items = [item async for item in engine.stream(seq)]
+        await engine.close()
+        return items
+
+    items = asyncio.run(main())
+    result = items[-1]
+    events = items[:-1]
+    assert "".join(e.text for e in events) == result.text
+    assert [e.index for e in events] == list(range(result.steps))
+    assert sum(e.junction for e in events) == result.interventions
+    assert all((e.alpha is not None) == e.junction for e in events)
+    assert all(e.source == ("guidance" if e.junction else "base") for e in events)
+
+
+def test_commits_carry_family_so_shared_tokenizers_exchange_ids(workers):
+    base = workers["base"]
+    assert Commit("x", (1,), base.family).family == workers["value"].family
+    assert workers["guidance"].family != base.family

@@ -1,0 +1,143 @@
+"""The LM runner: batched steps over per-sequence KV caches agree with plain transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.lm_runner import LMRunner
+from shared.config import ModelSpec
+from shared.models import load_model
+from shared.types import Commit, StepRequest, WordRequest
+
+
+def runner_for(pair, role: str = "base", chat: bool = False) -> LMRunner:
+    return LMRunner(load_model(role, ModelSpec(source=str(pair.path)), progress=False), role, chat)
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0,
+    )
+    return out[0, len(ids):].tolist()
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+def run_greedy(runner: LMRunner, seq_id: str, n: int, k: int = 5) -> list[int]:
+    tokens, append = [], []
+    for _ in range(n):
+        (res,) = runner.step([StepRequest(seq_id, k=k, append=append)])
+        tokens.append(res.sampled_id)
+        append = [Commit(res.sampled_text, (res.sampled_id,), runner.family)]
+    return tokens
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_greedy_single_sequence_matches_transformers_generate(fixture, request):
+    pair = request.getfixturevalue(fixture)
+    runner = runner_for(pair)
+    runner.open("a", prompt="the quick brown fox")
+    prompt_ids = runner.seqs["a"].text.ids[:]
+    # 24 tokens: well past the tiny Gemma's sliding window of 8
+    assert run_greedy(runner, "a", 24) == greedy_reference(pair.model, prompt_ids, 24)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_batched_steps_with_joins_and_leaves_match_each_sequence_alone(fixture, request):
+    pair = request.getfixturevalue(fixture)
+    runner = runner_for(pair)
+    prompts = {"a": "hello there", "b": "the cat sat on the mat and then", "c": "x"}
+    history: dict[str, list[int]] = {}
+    pending: dict[str, list[Commit]] = {}
+    schedule = [["a"], ["a", "b"], ["a", "b"], ["b"], ["b", "c"], ["a", "b", "c"]] + [
+        ["a", "b", "c"]
+    ] * 10
+    for live in schedule:
+        for seq_id in live:
+            if seq_id not in history:
+                runner.open(seq_id, prompt=prompts[seq_id])
+                history[seq_id] = runner.seqs[seq_id].text.ids[:]
+                pending[seq_id] = []
+        results = runner.step([StepRequest(s, k=8, append=pending[s]) for s in live])
+        for res in results:
+            ref = full_logprobs(pair.model, history[res.seq_id])
+            top = torch.topk(ref, 8)
+            assert res.top.ids == top.indices.tolist()
+            assert res.top.logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+            history[res.seq_id].append(res.sampled_id)
+            pending[res.seq_id] = [Commit(res.sampled_text, (res.sampled_id,), runner.family)]
+    runner.close("a")
+    assert runner.live() == 2
+    # the survivors keep stepping correctly after a row left the batch
+    results = runner.step([StepRequest(s, k=3, append=pending[s]) for s in ("b", "c")])
+    for res in results:
+        top = torch.topk(full_logprobs(pair.model, history[res.seq_id]), 3)
+        assert res.top.ids == top.indices.tolist()
+
+
+def test_step_summary_is_compact_and_consistent(tiny_gemma):
+    runner = runner_for(tiny_gemma)
+    runner.open("s", prompt="a b c")
+    (res,) = runner.step([StepRequest("s", k=7)])
+    assert len(res.top.ids) == len(res.top.texts) == len(res.top.logprobs) == 7
+    assert res.top.logprobs == sorted(res.top.logprobs, reverse=True)
+    assert 0.0 <= res.top.entropy <= math.log(7) + 1e-9
+    assert res.top.top1_prob == pytest.approx(math.exp(res.top.logprobs[0]))
+    assert res.sampled_id == res.top.ids[0]  # greedy
+
+
+@pytest.mark.parametrize("appended", [[], [" cat"], [" the", " mat", " and"]])
+def test_processed_counts_only_new_tokens(tiny_llama, appended):
+    runner = runner_for(tiny_llama)
+    prompt_tokens = runner.open("s", prompt="hello")
+    (first,) = runner.step([StepRequest("s")])
+    assert first.processed == prompt_tokens
+    commits = [Commit(text) for text in appended]  # foreign text: the bridge encodes it
+    (res,) = runner.step([StepRequest("s", append=commits)])
+    new = len(runner.seqs["s"].text.ids) - prompt_tokens
+    assert res.processed == new
+    # and the logits are those of the whole text
+    ref = full_logprobs(tiny_llama.model, runner.seqs["s"].text.ids)
+    assert res.top.ids[0] == int(torch.argmax(ref))
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_llama):
+    def sample(seed: int) -> list[int]:
+        runner = runner_for(tiny_llama)
+        runner.open("s", prompt="hello", seed=seed)
+        out, append = [], []
+        for _ in range(12):
+            (res,) = runner.step([StepRequest("s", temperature=1.5, append=append)])
+            out.append(res.sampled_id)
+            append = [Commit(res.sampled_text, (res.sampled_id,), runner.family)]
+        return out
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_write_words_appends_a_greedy_word_to_its_own_text(tiny_llama):
+    runner = runner_for(tiny_llama, role="guidance", chat=True)
+    runner.open("g", prompt="hello")
+    before = len(runner.seqs["g"].text.ids)
+    (word,) = runner.write_words([WordRequest("g", max_tokens=4)])
+    assert 1 <= len(word.commit.ids) <= 4 or word.eos
+    assert runner.seqs["g"].text.ids[before:] == list(word.commit.ids)
+    assert word.commit.family == runner.family
+    # the greedy continuation of the same text, token by token, starts with the word's ids
+    prefix = runner.seqs["g"].text.ids[:before]
+    ref = greedy_reference(tiny_llama.model, prefix, len(word.commit.ids))
+    assert list(word.commit.ids) == ref
+
+
+def test_unknown_sequence_is_a_clear_error(tiny_llama):
+    runner = runner_for(tiny_llama)
+    with pytest.raises(KeyError, match="not open"):
+        runner.step([StepRequest("nope")])
