@@ -143,7 +143,7 @@ def save_value_model(vm: ValueModel, out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # The adapter records the backbone by its source, never by where this machine cached it.
     vm.backbone.peft_config["default"].base_model_name_or_path = str(meta.get("backbone", ""))
-    vm.backbone.save_pretrained(out_dir)
+    vm.backbone.save_pretrained(out_dir, save_embedding_layers=False)  # no hub look-up
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     head = {name: t.detach().cpu().contiguous() for name, t in vm.head.state_dict().items()}
     save_file(head, out_dir / HEAD_FILE)
