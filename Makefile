@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test unit integration lint bench clean
+.PHONY: install serve test unit integration lint bench clean prometheus
 
 install: $(STAMP)
 
@@ -29,9 +29,13 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q -m integration
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Prometheus for the integration tests (Debian's package; a no-op when already installed).
+prometheus:
+	scripts/install-prometheus.sh
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
