@@ -1,0 +1,284 @@
+"""The text bridge: each runner keeps its own token ids in step with the shared text.
+
+Runners with different tokenizers exchange text, never ids. A `TokenText` holds one
+runner's ids for one request. Its own tokens are pushed one at a time and turned into text
+by incremental detokenization (as text-generation-inference's `decode_token` does): two
+offsets mark a short window of recent ids, and the text a token adds is the difference
+between decoding the window with and without it, so every step decodes a few tokens, never
+the whole sequence. The window always starts on a character boundary, and each token's
+bytes tell whether the text ends inside an unfinished UTF-8 character, so a real U+FFFD in
+the text is never mistaken for a partial one.
+
+What tokenizers do to text, and how the bridge keeps text exact:
+
+- Special tokens are never text: decoding skips them, EOS becomes `EOS_TEXT`, and when text
+  is encoded, special-token strings in it are encoded as plain text.
+- SentencePiece tokenizers that prepend "▁" to the first word (Llama, Mistral) would add a
+  space to every encoded piece; pieces are encoded with a copy of the tokenizer that does
+  not prepend. Their decoders also strip one leading space of a sequence, so right after a
+  prompt that decodes to nothing (say, only <bos>) a leading space of the completion is lost.
+- Metaspace tokenizers decode "▁" (U+2581) as a space; when the vocabulary has byte tokens,
+  a literal "▁" in text is encoded as its three `<0xNN>` bytes instead, which decode back
+  to "▁".
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import weakref
+from collections.abc import Collection, Iterable, Sequence
+from functools import cache
+
+from tokenizers import Tokenizer
+
+from shared.types import EOS_TEXT, Commit
+
+WINDOW = 5  # prompt tokens decoded as context for the first completion token
+METASPACE = "\u2581"
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def utf8_incomplete_tail(data: bytes) -> bytes:
+    """The trailing bytes of `data` that start a UTF-8 character not yet finished."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data[-4:], final=False)
+    return decoder.getstate()[0]
+
+
+@cache
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(piece: str, *, byte_level: bool, byte_fallback: bool) -> bytes:
+    """The bytes a vocabulary piece contributes to the decoded text (spaces aside)."""
+    if byte_level:
+        table = _gpt2_byte_decoder()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    elif byte_fallback and (match := _BYTE_TOKEN.fullmatch(piece)):
+        return bytes([int(match[1], 16)])
+    return piece.encode("utf-8")
+
+
+def _decoder_types(config: dict | None) -> set[str]:
+    if not config:
+        return set()
+    return {config["type"]} | {t for d in config.get("decoders", []) for t in _decoder_types(d)}
+
+
+def _without_prefix_space(config: dict | list) -> dict | list:
+    """A normalizer/pre-tokenizer config that no longer prepends a space to the input."""
+    if isinstance(config, list):
+        return [_without_prefix_space(c) for c in config]
+    config = {
+        k: _without_prefix_space(v) if isinstance(v, dict | list) else v for k, v in config.items()
+    }
+    if config.get("type") == "Metaspace":
+        config["prepend_scheme"] = "never"
+        config.pop("add_prefix_space", None)
+    elif config.get("type") == "ByteLevel":
+        config["add_prefix_space"] = False
+    elif config.get("type") == "Prepend":
+        config["prepend"] = ""
+    return config
+
+
+class Vocab:
+    """What the bridge needs to know about one tokenizer; built once and shared."""
+
+    def __init__(self, tokenizer) -> None:
+        self.backend: Tokenizer = tokenizer.backend_tokenizer
+        decoder = self.backend.decoder
+        types = _decoder_types(json.loads(decoder.__getstate__()) if decoder else None)
+        self.byte_level = "ByteLevel" in types
+        self.byte_fallback = "ByteFallback" in types
+        self.special = frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+        self._bytes: dict[int, bytes] = {}
+        self._encoder = self.backend
+        if self._adds_prefix_space():
+            config = json.loads(self.backend.to_str())
+            for part in ("normalizer", "pre_tokenizer"):
+                if config.get(part):
+                    config[part] = _without_prefix_space(config[part])
+            self._encoder = Tokenizer.from_str(json.dumps(config))
+        self._metaspace_bytes = self._escape_for_metaspace()
+        self.missing_bytes = self._missing_bytes()
+
+    def _adds_prefix_space(self) -> bool:
+        pieces = self.backend.encode("a", add_special_tokens=False).tokens
+        return bool(pieces) and pieces[0][0] in (METASPACE, "Ġ")
+
+    def _escape_for_metaspace(self) -> list[int] | None:
+        """Byte-token ids that spell "▁" when the decoder would turn a "▁" into a space."""
+        if self.decode(self._encode_plain(METASPACE)) == METASPACE:
+            return None
+        ids = [self.backend.token_to_id(f"<0x{b:02X}>") for b in METASPACE.encode()]
+        return ids if self.byte_fallback and None not in ids else None
+
+    def _missing_bytes(self) -> frozenset[int]:
+        """Bytes a byte-level vocabulary has no token for (SmolLM2 lacks 21 of them)."""
+        if not self.byte_level:
+            return frozenset()
+        return frozenset(
+            b for c, b in _gpt2_byte_decoder().items() if self.backend.token_to_id(c) is None
+        )
+
+    def spell(self, text: str) -> str:
+        """`text` as this vocabulary can spell it: a character with a byte the byte-level
+        alphabet lacks (rare control characters, unassigned planes) becomes U+FFFD, or
+        nothing when U+FFFD cannot be spelled either."""
+        if not self.missing_bytes:
+            return text
+        replacement = "" if self._unspellable("\ufffd") else "\ufffd"
+        return "".join(replacement if self._unspellable(c) else c for c in text)
+
+    def _unspellable(self, char: str) -> bool:
+        return not self.missing_bytes.isdisjoint(char.encode())
+
+    def bytes_of(self, token_id: int) -> bytes:
+        if (known := self._bytes.get(token_id)) is not None:
+            return known
+        piece = self.backend.id_to_token(token_id) or ""
+        data = (
+            b""
+            if token_id in self.special
+            else token_bytes(piece, byte_level=self.byte_level, byte_fallback=self.byte_fallback)
+        )
+        self._bytes[token_id] = data
+        return data
+
+    def pending_after(self, pending: bytes, ids: Iterable[int]) -> bytes:
+        """The unfinished-character bytes after appending `ids` to text ending in `pending`."""
+        return utf8_incomplete_tail(pending + b"".join(self.bytes_of(i) for i in ids))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return self.backend.decode_batch(batch, skip_special_tokens=True)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        # Special-token strings inside text are text: encode them as such.
+        saved = self._encoder.encode_special_tokens
+        self._encoder.encode_special_tokens = True
+        try:
+            return self._encoder.encode(text, add_special_tokens=False).ids
+        finally:
+            self._encoder.encode_special_tokens = saved
+
+    def encode(self, text: str) -> list[int]:
+        """Ids that decode to exactly `spell(text)` when appended after a character boundary."""
+        text = self.spell(text)
+        if self._metaspace_bytes is None or METASPACE not in text:
+            return self._encode_plain(text)
+        parts = text.split(METASPACE)
+        ids = self._encode_plain(parts[0]) if parts[0] else []
+        for part in parts[1:]:
+            ids += self._metaspace_bytes + (self._encode_plain(part) if part else [])
+        return ids
+
+
+_vocabs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocab_of(tokenizer) -> Vocab:
+    """The shared `Vocab` of a tokenizer (built on first use)."""
+    if (vocab := _vocabs.get(tokenizer)) is None:
+        vocab = _vocabs[tokenizer] = Vocab(tokenizer)
+    return vocab
+
+
+def _boundary_start(vocab: Vocab, ids: Sequence[int], end: int) -> int:
+    """A window start a few tokens before `end` that is not inside a character."""
+    start = max(0, end - WINDOW)
+    while start < end and (data := vocab.bytes_of(ids[start])) and 0x80 <= data[0] < 0xC0:
+        start += 1
+    return start
+
+
+class TokenText:
+    """One runner's token sequence for one request, kept in step with the shared text."""
+
+    def __init__(
+        self, tokenizer, family: str, prompt_ids: list[int], eos_ids: Collection[int]
+    ) -> None:
+        self.vocab = vocab_of(tokenizer)
+        self.family = family
+        self.eos_ids = frozenset(eos_ids)
+        self.ids: list[int] = list(prompt_ids)
+        self.prompt_len = len(self.ids)
+        self._start = _boundary_start(self.vocab, self.ids, self.prompt_len)
+        self._prefix = self._start  # decode window: ids[_prefix:_read] is already text
+        self._read = self.prompt_len
+        self._pending = b""  # bytes of an unfinished UTF-8 character at the end
+        eos_token = getattr(tokenizer, "eos_token_id", None)
+        self._eos_id = eos_token if eos_token in self.eos_ids else min(self.eos_ids, default=None)
+
+    @property
+    def mid_char(self) -> bool:
+        return bool(self._pending)
+
+    def apply(self, commit: Commit) -> list[int]:
+        """Append a commit of the shared text; return the ids appended."""
+        if commit.family == self.family:
+            new = list(commit.ids)
+        elif commit.text == EOS_TEXT:
+            new = [] if self._eos_id is None else [self._eos_id]
+        else:
+            new = self.vocab.encode(commit.text)
+        self.ids += new
+        self._advance([i for i in new if i not in self.eos_ids])
+        return new
+
+    def push(self, token_id: int) -> str:
+        """Append one of this runner's own ids; return the text it completes."""
+        self.ids.append(token_id)
+        if token_id in self.eos_ids:
+            return EOS_TEXT
+        return self._advance([token_id])
+
+    def candidate_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """The text each id would append if pushed now (no change of state)."""
+        texts = [EOS_TEXT if i in self.eos_ids else "" for i in token_ids]
+        whole = [
+            n
+            for n, i in enumerate(token_ids)
+            if i not in self.eos_ids and not self.vocab.pending_after(self._pending, [i])
+        ]
+        if not whole:
+            return texts
+        window = self.ids[self._prefix :]
+        prefix_text = self.vocab.decode(self.ids[self._prefix : self._read])
+        decoded = self.vocab.decode_batch([[*window, token_ids[n]] for n in whole])
+        for n, text in zip(whole, decoded, strict=True):
+            texts[n] = text[len(prefix_text) :] if len(text) > len(prefix_text) else ""
+        return texts
+
+    def completion_text(self) -> str:
+        """Decode of the completion ids (in the context of the prompt's last tokens)."""
+        head = self.vocab.decode(self.ids[self._start : self.prompt_len])
+        return self.vocab.decode(self.ids[self._start :])[len(head) :]
+
+    def _advance(self, new_ids: list[int]) -> str:
+        """Account for ids just appended; return the text they complete."""
+        self._pending = self.vocab.pending_after(self._pending, new_ids)
+        if self._pending or not new_ids:
+            return ""
+        prefix_text = self.vocab.decode(self.ids[self._prefix : self._read])
+        new_text = self.vocab.decode(self.ids[self._prefix :])
+        if len(new_text) <= len(prefix_text):
+            return ""  # only special tokens so far: keep the window
+        self._prefix, self._read = self._read, len(self.ids)
+        return new_text[len(prefix_text) :]

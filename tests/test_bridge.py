@@ -1,0 +1,294 @@
+"""The text bridge keeps each runner's ids in step with the shared text, for every tokenizer kind.
+
+The property checks are plain functions so the integration tests run them on the real
+Gemma and SmolLM2 tokenizers too.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from shared.bridge import TokenText, token_bytes, utf8_incomplete_tail, vocab_of
+from shared.types import EOS_TEXT, Commit
+from tests.tiny import TOKENIZER_KINDS, tiny_tokenizer
+
+PROMPT = "Question: why is the sea salty?\n"
+# EOS_TEXT is the end-of-sequence marker, never real text (it holds U+FFFF, a non-character).
+texts = st.text(max_size=24).filter(lambda s: EOS_TEXT not in s)
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+TOKENIZERS = {kind: tiny_tokenizer(kind) for kind in TOKENIZER_KINDS}
+
+
+def runner(tokenizer, family: str = "own", prompt: str = PROMPT) -> TokenText:
+    return TokenText(tokenizer, family, tokenizer(prompt).input_ids, {tokenizer.eos_token_id})
+
+
+def decode_in_context(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """What `ids` add to the decoded text when they follow the prompt."""
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)[len(head) :]
+
+
+def push_all(text: TokenText, ids: list[int], probes: list[int]) -> list[str]:
+    """Push ids one by one, checking that candidate_texts predicts every push."""
+    out = []
+    for token_id in ids:
+        predicted = text.candidate_texts([token_id, *probes])
+        out.append(text.push(token_id))
+        assert predicted[0] == out[-1]
+    return out
+
+
+def check_text_commits(tokenizer, pieces: list[str]) -> None:
+    """(a) Foreign text commits, applied piece by piece, decode to their concatenation
+    (as the vocabulary can spell it: see test_characters_a_vocabulary_cannot_spell)."""
+    text = runner(tokenizer)
+    for piece in pieces:
+        text.apply(Commit(piece, (999,), "foreign"))
+    assert text.completion_text() == text.vocab.spell("".join(pieces))
+    assert not text.mid_char
+
+
+def check_own_pushes(tokenizer, piece: str) -> None:
+    """(b) Own ids pushed one by one give back exactly the decode of those ids."""
+    text = runner(tokenizer)
+    ids = tokenizer(piece, add_special_tokens=False).input_ids
+    probes = [tokenizer.eos_token_id, *range(min(len(tokenizer), 64))]
+    pushed = push_all(text, ids, probes)
+    assert "".join(pushed) == decode_in_context(tokenizer, text.ids[: text.prompt_len], ids)
+    assert "".join(pushed) == text.completion_text()
+    assert text.ids == text.ids[: text.prompt_len] + ids
+    assert not text.mid_char
+
+
+def check_mixed_stream(own_tokenizer, other_tokenizer, steps: list[tuple[bool, str]]) -> None:
+    """(c) Two runners take turns writing; each applies the other's commits as text, and a
+    third runner of the first one's family applies its commits as ids."""
+    a, b = runner(own_tokenizer, "A"), runner(other_tokenizer, "B")
+    twin = runner(own_tokenizer, "A")
+    shared = []
+    for a_writes, piece in steps:
+        writer, reader = (a, b) if a_writes else (b, a)
+        tokenizer = own_tokenizer if a_writes else other_tokenizer
+        for token_id in tokenizer(piece, add_special_tokens=False).input_ids:
+            [predicted] = writer.candidate_texts([token_id])
+            commit = Commit(writer.push(token_id), (token_id,), writer.family)
+            assert commit.text == predicted
+            reader.apply(commit)
+            twin.apply(commit)
+            shared.append(commit.text)
+        assert not writer.mid_char
+    shared_text = "".join(shared)
+    assert a.completion_text() == twin.completion_text() == a.vocab.spell(shared_text)
+    assert b.completion_text() == b.vocab.spell(shared_text)
+    assert twin.ids == a.ids
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@PROPERTY
+@given(pieces=st.lists(texts, max_size=6))
+def test_text_commits_decode_to_their_concatenation(kind: str, pieces: list[str]) -> None:
+    check_text_commits(TOKENIZERS[kind], pieces)
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@PROPERTY
+@given(piece=texts)
+def test_pushed_ids_give_back_their_decode(kind: str, piece: str) -> None:
+    check_own_pushes(TOKENIZERS[kind], piece)
+
+
+@pytest.mark.parametrize(
+    ("own", "other"), [("bytelevel", "sentencepiece"), ("sentencepiece", "metaspace")]
+)
+@PROPERTY
+@given(steps=st.lists(st.tuples(st.booleans(), texts), max_size=6))
+def test_mixed_stream_keeps_every_runner_on_the_shared_text(
+    own: str, other: str, steps: list[tuple[bool, str]]
+) -> None:
+    check_mixed_stream(TOKENIZERS[own], TOKENIZERS[other], steps)
+
+
+@pytest.mark.parametrize(
+    ("data", "tail"),
+    [
+        (b"", b""),
+        (b"abc", b""),
+        ("中".encode(), b""),
+        ("中".encode()[:1], b"\xe4"),
+        (b"ab" + "中".encode()[:2], b"\xe4\xb8"),
+        ("🙂".encode()[:3], "🙂".encode()[:3]),
+        (b"\x80", b""),  # a stray continuation byte never completes: not pending
+        (b"\xe0\x80", b""),  # invalid second byte: not a character prefix
+        ("\ufffd".encode(), b""),  # a real replacement character is finished text
+    ],
+)
+def test_utf8_incomplete_tail(data: bytes, tail: bytes) -> None:
+    assert utf8_incomplete_tail(data) == tail
+
+
+@pytest.mark.parametrize(
+    ("piece", "byte_level", "byte_fallback", "data"),
+    [
+        ("Ġthe", True, False, b" the"),
+        ("ä¸Ń", True, False, "中".encode()),
+        ("Ã", True, False, b"\xc3"),
+        ("<|im_end|>", True, False, b"<|im_end|>"),
+        ("<0xE4>", False, True, b"\xe4"),
+        ("<0xE4>", False, False, b"<0xE4>"),
+        ("▁the", False, True, "▁the".encode()),
+    ],
+)
+def test_token_bytes(piece: str, byte_level: bool, byte_fallback: bool, data: bytes) -> None:
+    assert token_bytes(piece, byte_level=byte_level, byte_fallback=byte_fallback) == data
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytelevel"])
+def test_a_character_split_over_tokens_appears_when_finished(kind: str) -> None:
+    tokenizer = TOKENIZERS[kind]
+    text = runner(tokenizer)
+    ids = tokenizer("字", add_special_tokens=False).input_ids  # not in the tiny vocabularies
+    assert len(ids) == 3
+    assert [text.push(i) for i in ids[:2]] == ["", ""]
+    assert text.mid_char
+    assert text.candidate_texts(ids[2:]) == ["字"]
+    assert text.push(ids[2]) == "字"
+    assert not text.mid_char
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_a_real_replacement_character_is_text_not_a_partial_one(kind: str) -> None:
+    tokenizer = TOKENIZERS[kind]
+    text = runner(tokenizer)
+    pushed = push_all(text, text.vocab.encode("a\ufffd"), [])
+    assert "".join(pushed) == "a\ufffd"
+    assert not text.mid_char
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_eos_is_eos_text_both_ways(kind: str) -> None:
+    tokenizer = TOKENIZERS[kind]
+    text = runner(tokenizer)
+    eos = tokenizer.eos_token_id
+    assert text.candidate_texts([eos]) == [EOS_TEXT]
+    assert text.push(eos) == EOS_TEXT
+    other = runner(tokenizer, family="other")
+    assert other.apply(Commit(EOS_TEXT, (12345,), "foreign")) == [eos]
+    assert other.completion_text() == text.completion_text() == ""
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@pytest.mark.parametrize("piece", ["<|im_end|>", "<bos>", "<eos> and <pad>", "<0x41>"])
+def test_special_token_strings_in_text_stay_text(kind: str, piece: str) -> None:
+    text = runner(TOKENIZERS[kind])
+    ids = text.apply(Commit(piece, (), "foreign"))
+    assert not set(ids) & set(TOKENIZERS[kind].all_special_ids)
+    assert text.completion_text() == piece
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@PROPERTY
+@given(piece=texts)
+def test_the_tiny_vocabularies_spell_everything(kind: str, piece: str) -> None:
+    assert vocab_of(TOKENIZERS[kind]).spell(piece) == piece
+
+
+def ascii_letters_bytelevel() -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose alphabet holds only the bytes of its corpus, as SmolLM2's
+    vocabulary lacks 21 bytes."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["the sea é \ufffd"], trainers.BpeTrainer(special_tokens=["<eos>"], show_progress=False)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.parametrize(
+    ("text", "spelled"),
+    [
+        ("the sea", "the sea"),
+        ("tea é", "tea é"),
+        ("the sea!", "the sea\ufffd"),  # "!" is not in this alphabet
+        ("è", "\ufffd"),  # its lead byte is, its last byte is not
+        ("sea\U00040000", "sea\ufffd"),
+    ],
+)
+def test_characters_a_vocabulary_cannot_spell_become_replacement_characters(
+    text: str, spelled: str
+) -> None:
+    tokenizer = ascii_letters_bytelevel()
+    assert vocab_of(tokenizer).spell(text) == spelled
+    runner_text = TokenText(tokenizer, "own", tokenizer("the").input_ids, {0})
+    runner_text.apply(Commit(text, (), "foreign"))
+    assert runner_text.completion_text() == spelled
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_the_metaspace_character_itself_round_trips(kind: str) -> None:
+    text = runner(TOKENIZERS[kind])
+    text.apply(Commit("a▁b ▁", (), "foreign"))
+    assert text.completion_text() == "a▁b ▁"
+
+
+@pytest.mark.parametrize(
+    ("kind", "prepends"), [("bytelevel", False), ("sentencepiece", False), ("metaspace", True)]
+)
+def test_text_pieces_get_no_prefix_space(kind: str, prepends: bool) -> None:
+    tokenizer = TOKENIZERS[kind]
+    plain = tokenizer.convert_ids_to_tokens(tokenizer("the", add_special_tokens=False).input_ids)
+    assert plain[0].startswith("▁") is prepends
+    text = runner(tokenizer, prompt="Say")
+    ids = text.apply(Commit("the", (), "foreign"))
+    assert not tokenizer.convert_ids_to_tokens(ids)[0].startswith("▁")
+    assert text.completion_text() == "the"
+
+
+def test_a_leading_space_after_an_empty_prompt_is_dropped_by_llama_style_decoders() -> None:
+    """Documented: such decoders strip one leading space from the whole sequence."""
+    tokenizer = TOKENIZERS["metaspace"]
+    text = runner(tokenizer, prompt="")  # just <bos>
+    text.apply(Commit(" the sea", (), "foreign"))
+    assert text.completion_text() == "the sea"
+    assert tokenizer.decode(text.ids, skip_special_tokens=True) == "the sea"
+
+
+def test_same_family_commits_append_their_ids_verbatim() -> None:
+    tokenizer = TOKENIZERS["bytelevel"]
+    text = runner(tokenizer, family="fam")
+    odd = tokenizer("s ea", add_special_tokens=False).input_ids  # not what "sea" encodes to
+    assert text.apply(Commit("s ea", tuple(odd), "fam")) == odd
+    assert text.ids[text.prompt_len :] == odd
+    assert text.apply(Commit("", (), "fam")) == []
+
+
+def test_candidate_texts_change_nothing() -> None:
+    tokenizer = TOKENIZERS["sentencepiece"]
+    text = runner(tokenizer)
+    text.apply(Commit("The sea", (), "foreign"))
+    before = (list(text.ids), text.mid_char, text.completion_text())
+    everything = list(range(len(tokenizer)))
+    texts = text.candidate_texts(everything)
+    assert len(texts) == len(everything)
+    assert (list(text.ids), text.mid_char, text.completion_text()) == before
+
+
+def test_the_decode_window_stays_short() -> None:
+    """Each push decodes a few recent tokens, never the whole sequence."""
+    tokenizer = TOKENIZERS["bytelevel"]
+    text = runner(tokenizer)
+    ids = tokenizer(" the sea" * 200, add_special_tokens=False).input_ids
+    push_all(text, ids, [])
+    assert len(text.ids) - text._prefix <= 2
+
+
+def test_one_vocab_per_tokenizer() -> None:
+    tokenizer = TOKENIZERS["bytelevel"]
+    assert vocab_of(tokenizer) is vocab_of(tokenizer)
+    assert runner(tokenizer).vocab is runner(tokenizer).vocab
