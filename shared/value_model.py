@@ -64,6 +64,11 @@ class ValueModel(torch.nn.Module):
         self.head = head
         self.lora = lora
 
+    @property
+    def config(self) -> Any:
+        """The backbone's transformers config."""
+        return _inner_model(self.backbone).config
+
     def decoder(self) -> torch.nn.Module:
         """The backbone's transformer stack without the language-model head."""
         return _inner_model(self.backbone).get_decoder()

@@ -29,8 +29,11 @@ def fresh_backbone(kind: str) -> torch.nn.Module:
 
 
 def trained_like(kind: str, seed: int = 0) -> ValueModel:
-    """A value model whose LoRA is not a no-op (lora_B starts at zero), as after training."""
-    vm = build_value_model(fresh_backbone(kind), seed=seed)
+    return perturb_lora(build_value_model(fresh_backbone(kind), seed=seed), seed)
+
+
+def perturb_lora(vm: ValueModel, seed: int = 0) -> ValueModel:
+    """Make LoRA not a no-op (lora_B starts at zero), as after training; eval mode."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in vm.named_parameters():

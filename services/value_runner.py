@@ -1,0 +1,163 @@
+"""The value worker's runner: scores k candidate continuations of a sequence with SIA's V.
+
+Each sequence keeps its own KV cache of the shared prefix. A `score` call first runs only the
+tokens committed since the last call through the model (extending that cache), then scores
+all k candidates in one batch of k whose cache holds expanded views of the prefix cache, so
+the prefix is never recomputed and the stored cache is never written. Work per call is the
+new prefix tokens plus the candidates' own tokens, not k full sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from services.kv import expand_row
+from shared.bridge import TokenText, vocab_of
+from shared.config import ModelSpec
+from shared.models import LoadedModel, load_model
+from shared.prompts import build_prompt_ids
+from shared.types import EOS_TEXT, Commit, ModelInfo, ScoreRequest, ScoreResult
+from shared.value_model import ValueModel, load_value_model
+
+DEFAULT_VALUE_DIR = Path(__file__).resolve().parent.parent / "shared" / "defaults" / "value"
+
+
+@dataclass(slots=True)
+class _Sequence:
+    text: TokenText
+    cache: DynamicCache
+    cached: int = 0  # tokens of text.ids already in the cache
+    last_value: float = 0.0  # V at the last cached token (the value of an empty candidate)
+
+
+class ValueRunner:
+    def __init__(self, loaded: LoadedModel, value: ValueModel) -> None:
+        self.loaded = loaded
+        self.value = value.eval()
+        self.tokenizer = loaded.tokenizer
+        self.family = loaded.family
+        self.device = torch.device(loaded.device)
+        self.seqs: dict[str, _Sequence] = {}
+        eos = self.tokenizer.eos_token_id
+        self._eos_id = eos if eos in loaded.eos_ids else min(loaded.eos_ids)
+
+    @classmethod
+    def from_paths(cls, backbone_spec: ModelSpec, adapter_dir: Path | None) -> ValueRunner:
+        """Load the backbone and the adapter; None = the shipped default adapter."""
+        adapter_dir = Path(adapter_dir) if adapter_dir is not None else DEFAULT_VALUE_DIR
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(_missing_adapter_message(adapter_dir))
+        loaded = load_model("value", backbone_spec)
+        return cls(loaded, load_value_model(adapter_dir, loaded.model, merge=True))
+
+    # ----------------------------------------------------------------- lifecycle
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            role="value",
+            name=self.loaded.name,
+            family=self.family,
+            vocab_size=int(self.value.config.get_text_config().vocab_size),
+            max_context=self.loaded.max_context,
+            device=str(self.device),
+        )
+
+    def open(
+        self, seq_id: str, prompt: str | None = None, messages: list[dict] | None = None
+    ) -> int:
+        """Start a sequence; returns its prompt length in tokens. Runs no model yet."""
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id!r} is already open")
+        ids = build_prompt_ids(self.tokenizer, prompt=prompt, messages=messages, chat=False)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; the value model needs a prefix")
+        text = TokenText(self.tokenizer, self.family, ids, self.loaded.eos_ids)
+        self.seqs[seq_id] = _Sequence(text, DynamicCache(config=self.value.config))
+        return len(ids)
+
+    def close(self, seq_id: str) -> None:
+        self.seqs.pop(seq_id, None)
+
+    def live(self) -> int:
+        return len(self.seqs)
+
+    # ----------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score(self, reqs: list[ScoreRequest]) -> list[ScoreResult]:
+        return [self._score_one(req) for req in reqs]
+
+    def _score_one(self, req: ScoreRequest) -> ScoreResult:
+        seq = self._seq(req.seq_id)
+        for commit in req.append:
+            seq.text.apply(commit)
+        new = self._extend_prefix(seq)
+        cand_ids = [self._candidate_ids(c) for c in req.candidates]
+        values = self._score_candidates(seq, cand_ids)
+        return ScoreResult(req.seq_id, values, new + sum(len(ids) for ids in cand_ids))
+
+    def _seq(self, seq_id: str) -> _Sequence:
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"sequence {seq_id!r} is not open on the value runner")
+        return seq
+
+    def _extend_prefix(self, seq: _Sequence) -> int:
+        """Run the prefix tokens not yet cached (all of them the first time) in one forward."""
+        new = seq.text.ids[seq.cached :]
+        if not new:
+            return 0
+        ids = torch.tensor([new], device=self.device)
+        positions = torch.arange(seq.cached, seq.cached + len(new), device=self.device)[None]
+        values, _ = self.value(
+            ids, position_ids=positions, past_key_values=seq.cache, use_cache=True
+        )
+        seq.cached += len(new)
+        seq.last_value = float(values[0, -1])
+        return len(new)
+
+    def _candidate_ids(self, commit: Commit) -> list[int]:
+        """A candidate's ids in this runner's vocabulary: its own ids, or its text encoded."""
+        if commit.family == self.family:
+            return list(commit.ids)
+        if commit.text == EOS_TEXT:
+            return [self._eos_id]
+        return vocab_of(self.tokenizer).encode(commit.text)  # the bridge's encoding of text
+
+    def _score_candidates(self, seq: _Sequence, cand_ids: list[list[int]]) -> list[float]:
+        """V(prefix ⊕ c) for each candidate, in one right-padded batch over the shared prefix."""
+        rows = [i for i, ids in enumerate(cand_ids) if ids]
+        values = [seq.last_value] * len(cand_ids)  # an empty candidate adds nothing to V's input
+        if not rows:
+            return values
+        lengths = torch.tensor([len(cand_ids[i]) for i in rows], device=self.device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for row, i in enumerate(rows):
+            ids[row, : len(cand_ids[i])] = torch.tensor(cand_ids[i], device=self.device)
+        columns = torch.arange(width, device=self.device)
+        real = columns[None] < lengths[:, None]
+        mask = torch.cat([real.new_ones(len(rows), seq.cached), real], dim=1).long()
+        positions = (seq.cached + columns)[None].expand(len(rows), -1)
+        out, _ = self.value(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=expand_row(seq.cache, len(rows)),
+            use_cache=True,
+        )
+        last = out[torch.arange(len(rows), device=self.device), lengths - 1]
+        for row, i in enumerate(rows):
+            values[i] = float(last[row])
+        return values
+
+
+def _missing_adapter_message(adapter_dir: Path) -> str:
+    return (
+        f"SIA needs a value model, and there is none at {adapter_dir}. Train one with the "
+        "project's value-training command (it writes a LoRA adapter + value head directory), "
+        "then pass that directory as the value adapter, or use a policy that needs no value "
+        "model (base, blendin, nudging, guidance)."
+    )
