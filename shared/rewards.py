@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache
 from typing import Protocol
 
 import torch
@@ -72,6 +72,14 @@ class MarkerReward:
 # --- TruthfulQA's reference similarity -------------------------------------------------------
 
 
+@cache
+def rouge_l_scorer():
+    """ROUGE-L with Porter stemming, as TruthfulQA's own scoring uses."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def closest_similarity(response: str, references: Sequence[str], scorer) -> float:
     """Highest ROUGE-L F1 between the response and any of the references (0 when none)."""
     scores = [scorer.score(ref, response)["rougeL"].fmeasure for ref in references]
@@ -89,19 +97,14 @@ class ReferenceReward:
 
     name: str = "reference-rougeL"
 
-    @cached_property
-    def _scorer(self):
-        from rouge_score import rouge_scorer
-
-        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
     def score(self, prompt: str, response: str, refs: References | None) -> float:
         if refs is None or not refs.correct:
             raise ValueError("the reference reward needs prompts that come with true references")
         if not response.strip():
             return 0.0  # rouge_score returns 0 for empty text anyway; skip the work
-        true = closest_similarity(response, refs.correct, self._scorer)
-        false = closest_similarity(response, refs.incorrect, self._scorer)
+        scorer = rouge_l_scorer()
+        true = closest_similarity(response, refs.correct, scorer)
+        false = closest_similarity(response, refs.incorrect, scorer)
         return true - false
 
 
