@@ -1,0 +1,42 @@
+"""The one place that turns a request's prompt or messages into a role's prompt ids.
+
+The guidance role is a chat model: it gets its tokenizer's chat template with the
+generation prompt (a plain prompt becomes one user message). The base and value roles are
+plain language models: they get plain text with the tokenizer's own special tokens (e.g.
+Gemma's <bos>), and messages become a plain transcript, one "Role: content" line each,
+ending with "Assistant:" for the model to continue:
+
+    System: Be brief.
+    User: Why is the sea salty?
+    Assistant:
+"""
+
+from __future__ import annotations
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+def transcript(messages: list[Message]) -> str:
+    """Messages as a plain transcript that ends where the assistant speaks next."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+def _one_source(prompt: str | None, messages: list[Message] | None) -> None:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+
+
+def build_prompt_ids(
+    tokenizer, *, prompt: str | None = None, messages: list[Message] | None = None, chat: bool
+) -> list[int]:
+    """Prompt ids for a role: chat=True (guidance) uses the chat template when the tokenizer
+    has one; otherwise plain text with the tokenizer's own special tokens."""
+    _one_source(prompt, messages)
+    if chat and tokenizer.chat_template:
+        turns = messages if messages is not None else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        # The template writes its own special tokens (a BOS, if the format has one).
+        return tokenizer(text, add_special_tokens=False).input_ids
+    text = prompt if prompt is not None else transcript(messages)
+    return tokenizer(text).input_ids

@@ -1,0 +1,93 @@
+"""Prompt ids per role: chat template for the guidance role, plain text for base and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.prompts import build_prompt_ids, transcript
+from tests.tiny import tiny_tokenizer
+
+CHATML = tiny_tokenizer("bytelevel")  # has a ChatML-like chat template, adds no BOS
+GEMMA_LIKE = tiny_tokenizer("sentencepiece")  # no chat template, adds <bos>
+
+USER = [{"role": "user", "content": "Why is the sea salty?"}]
+DIALOGUE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Why is the sea salty?"},
+]
+
+
+def as_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([], "Assistant:"),
+        (USER, "User: Why is the sea salty?\nAssistant:"),
+        (
+            DIALOGUE,
+            "System: Be brief.\nUser: Hi\nAssistant: Hello.\n"
+            "User: Why is the sea salty?\nAssistant:",
+        ),
+    ],
+)
+def test_transcript(messages: list[dict], expected: str) -> None:
+    assert transcript(messages) == expected
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "kwargs", "chat", "expected"),
+    [
+        # Plain roles: the text with the tokenizer's own special tokens.
+        (GEMMA_LIKE, {"prompt": "The sea is"}, False, "<bos>The sea is"),
+        (CHATML, {"prompt": "The sea is"}, False, "The sea is"),
+        (GEMMA_LIKE, {"messages": USER}, False, "<bos>User: Why is the sea salty?\nAssistant:"),
+        (CHATML, {"messages": USER}, False, "User: Why is the sea salty?\nAssistant:"),
+        # The chat role: the chat template with the generation prompt.
+        (
+            CHATML,
+            {"prompt": "Why is the sea salty?"},
+            True,
+            "<|im_start|>user\nWhy is the sea salty?<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            CHATML,
+            {"messages": DIALOGUE[:2]},
+            True,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        # A chat role whose tokenizer has no chat template falls back to plain text.
+        (GEMMA_LIKE, {"prompt": "The sea is"}, True, "<bos>The sea is"),
+        (GEMMA_LIKE, {"messages": USER}, True, "<bos>User: Why is the sea salty?\nAssistant:"),
+        # An empty prompt is just the special tokens.
+        (GEMMA_LIKE, {"prompt": ""}, False, "<bos>"),
+    ],
+)
+def test_build_prompt_ids(tokenizer, kwargs: dict, chat: bool, expected: str) -> None:
+    ids = build_prompt_ids(tokenizer, chat=chat, **kwargs)
+    assert as_text(tokenizer, ids) == expected
+
+
+def test_chat_template_special_tokens_are_single_ids_and_not_doubled() -> None:
+    ids = build_prompt_ids(CHATML, prompt="Hi", chat=True)
+    start = CHATML.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == start
+    assert ids.count(start) == 2
+
+
+def test_plain_prompt_ids_are_the_tokenizer_encoding() -> None:
+    assert (
+        build_prompt_ids(GEMMA_LIKE, prompt="Café 東京", chat=False)
+        == GEMMA_LIKE("Café 東京").input_ids
+    )
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"prompt": "a", "messages": USER}])
+def test_exactly_one_of_prompt_and_messages(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        build_prompt_ids(CHATML, chat=True, **kwargs)
