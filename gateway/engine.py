@@ -95,12 +95,13 @@ class Engine:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        for seq in list(self.live.values()):
-            seq.finish("cancelled")
-        await self._reap()
+        """Stop the loop, then cancel and free whatever is still live."""
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for seq in self.live.values():
+            seq.finish("cancelled")
+        await self._reap()
 
     # ----------------------------------------------------------------- requests
     async def submit(self, req: GenerationRequest) -> Sequence:
@@ -374,15 +375,20 @@ class Engine:
         )
 
     async def _reap(self) -> None:
-        """Free finished and cancelled requests on every worker that holds them."""
+        """Free finished and cancelled requests on every worker that holds them.
+
+        Workers are told first and the request is forgotten after, so a reap interrupted by
+        shutdown leaves the request in `live` for the next reap instead of leaking caches.
+        """
         done = [s for s in self.live.values() if s.cancelled or s.status is Status.FINISHED]
+        if not done:
+            return
         for seq in done:
             seq.finish("cancelled")  # no-op when it already finished
-            del self.live[seq.id]
-        if done:
-            await asyncio.gather(*(self._close_on(s.id, s.req.roles) for s in done))
+        await asyncio.gather(*(self._close_on(s.id, s.req.roles) for s in done))
         for seq in done:
-            self.observer.on_finish(seq, seq.result())
+            if self.live.pop(seq.id, None) is not None:
+                self.observer.on_finish(seq, seq.result())
 
 
 def _piece_for(

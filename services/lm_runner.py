@@ -118,7 +118,9 @@ class LMRunner:
     @torch.inference_mode()
     def write_words(self, reqs: list[WordRequest]) -> list[WordResult]:
         """Nudging: each sequence's next word, written greedily and kept in its own text."""
-        processed = {r.seq_id: self._apply(r.seq_id, r.append) for r in reqs}
+        for r in reqs:
+            self._apply(r.seq_id, r.append)
+        processed = {r.seq_id: 0 for r in reqs}  # counted below, as each forward runs
         words: dict[str, list[int]] = {r.seq_id: [] for r in reqs}
         written = {r.seq_id: "" for r in reqs}
         eos: dict[str, bool] = {r.seq_id: False for r in reqs}

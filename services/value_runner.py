@@ -66,7 +66,11 @@ class ValueRunner:
         )
 
     def open(
-        self, seq_id: str, prompt: str | None = None, messages: list[dict] | None = None
+        self,
+        seq_id: str,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        seed: int | None = None,  # the value model is deterministic; accepted like every runner
     ) -> int:
         """Start a sequence; returns its prompt length in tokens. Runs no model yet."""
         if seq_id in self.seqs:
@@ -128,36 +132,40 @@ class ValueRunner:
 
     def _score_candidates(self, seq: _Sequence, cand_ids: list[list[int]]) -> list[float]:
         """V(prefix ⊕ c) for each candidate, in one right-padded batch over the shared prefix."""
-        rows = [i for i, ids in enumerate(cand_ids) if ids]
         values = [seq.last_value] * len(cand_ids)  # an empty candidate adds nothing to V's input
+        rows = [i for i, ids in enumerate(cand_ids) if ids]
         if not rows:
             return values
-        lengths = torch.tensor([len(cand_ids[i]) for i in rows], device=self.device)
-        width = int(lengths.max())
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for row, i in enumerate(rows):
-            ids[row, : len(cand_ids[i])] = torch.tensor(cand_ids[i], device=self.device)
-        columns = torch.arange(width, device=self.device)
-        real = columns[None] < lengths[:, None]
-        mask = torch.cat([real.new_ones(len(rows), seq.cached), real], dim=1).long()
-        positions = (seq.cached + columns)[None].expand(len(rows), -1)
+        ids, real = _right_padded([cand_ids[i] for i in rows], self.device)
+        k, width = ids.shape
+        # Each row sees the whole prefix, then its own tokens; padding comes after them all.
+        mask = torch.cat([real.new_ones(k, seq.cached), real], dim=1).long()
+        positions = torch.arange(seq.cached, seq.cached + width, device=self.device)
         out, _ = self.value(
             ids,
             attention_mask=mask,
-            position_ids=positions,
-            past_key_values=expand_row(seq.cache, len(rows)),
+            position_ids=positions[None].expand(k, -1),
+            past_key_values=expand_row(seq.cache, k),  # views: the stored cache stays as it is
             use_cache=True,
         )
-        last = out[torch.arange(len(rows), device=self.device), lengths - 1]
-        for row, i in enumerate(rows):
-            values[i] = float(last[row])
+        last = out[torch.arange(k, device=self.device), real.sum(dim=1) - 1]
+        for i, value in zip(rows, last.tolist(), strict=True):
+            values[i] = value
         return values
+
+
+def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right to one width, and the mask of their real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    return ids, torch.arange(width, device=device)[None] < lengths[:, None]
 
 
 def _missing_adapter_message(adapter_dir: Path) -> str:
     return (
         f"SIA needs a value model, and there is none at {adapter_dir}. Train one with the "
-        "project's value-training command (it writes a LoRA adapter + value head directory), "
-        "then pass that directory as the value adapter, or use a policy that needs no value "
-        "model (base, blendin, nudging, guidance)."
+        "`junction` command's value-training subcommand (see `junction --help`); it writes a "
+        "directory with a LoRA adapter and a value head: pass that directory as the value "
+        "model. Or use a policy that needs no value model (base, blendin, nudging, guidance)."
     )
