@@ -96,6 +96,33 @@ def generate(
         )
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+) -> None:
+    """Serve the HTTP gateway; each model runs in a Ray actor (RAY_ADDRESS joins a cluster)."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        cfg = load_config(config)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    url = f"http://{host}:{port}"
+    body = '{"prompt": "The ocean is", "max_tokens": 16, "policy": "blendin"}'
+    typer.echo(
+        f"Junction gateway at {url}; models load in the background ({url}/ready turns 200).\n"
+        f"  curl {url}/v1/generate -H 'content-type: application/json' -d '{body}'\n"
+        f"  OpenAI clients: base_url={url}/v1; metrics: {url}/metrics",
+        err=True,
+    )
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
+
+
 def main() -> None:
     app()
 
