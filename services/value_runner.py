@@ -164,8 +164,8 @@ def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Te
 
 def _missing_adapter_message(adapter_dir: Path) -> str:
     return (
-        f"SIA needs a value model, and there is none at {adapter_dir}. Train one with the "
-        "`junction` command's value-training subcommand (see `junction --help`); it writes a "
-        "directory with a LoRA adapter and a value head: pass that directory as the value "
-        "model. Or use a policy that needs no value model (base, blendin, nudging, guidance)."
+        f"SIA needs a value model, and there is none at {adapter_dir}. Train one with "
+        "`junction train-value` (it writes a directory with a LoRA adapter and a value head) "
+        "and pass that directory as the value model, or use a policy that needs no value "
+        "model (base, blendin, nudging, guidance)."
     )
