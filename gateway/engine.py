@@ -87,6 +87,7 @@ class Engine:
         self._admitting = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -96,6 +97,7 @@ class Engine:
 
     async def close(self) -> None:
         """Stop the loop, then cancel and free whatever is still live."""
+        self._closed = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -112,13 +114,18 @@ class Engine:
             raise ValueError(f"policy: {req.policy.policy} needs a {missing[0]} model{hint}")
         if req.sampling.max_tokens > self.limits.max_tokens:
             raise ValueError(f"max_tokens: at most {self.limits.max_tokens}")
-        if len(self.live) + self._admitting >= self.limits.max_concurrency:
+        if self.running() + self._admitting >= self.limits.max_concurrency:
             raise EngineOverloaded(self.limits.max_concurrency)
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
         self._admitting += 1
         try:
             seq = await self._open(req)
         finally:
             self._admitting -= 1
+        if self._closed:  # shut down while this request was being opened
+            await self._close_on(seq.id, req.roles)
+            raise RuntimeError("the engine is shut down")
         self.live[seq.id] = seq
         self._wake.set()
         return seq
@@ -140,6 +147,10 @@ class Engine:
         finally:
             self.cancel(seq)
         raise RuntimeError("unreachable")
+
+    def running(self) -> int:
+        """Requests holding a concurrency slot: finished ones are not waiting for their reap."""
+        return sum(s.status is Status.RUNNING and not s.cancelled for s in self.live.values())
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a request (e.g. its client went away); its caches are freed within a tick."""

@@ -182,8 +182,25 @@ def test_limits(workers):
     long = GenerationRequest(prompt="word " * 100, sampling=SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="prompt"):
         run(workers, long, limits=Limits(max_prompt_tokens=20))
-    with pytest.raises(EngineOverloaded):
-        run(workers, request("base"), request("base"), limits=Limits(max_concurrency=1))
+    assert all(w.live() == 0 for w in workers.values())
+
+
+def test_over_the_concurrency_limit_is_refused_and_nothing_leaks(workers):
+    async def main():
+        engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, Limits(max_concurrency=1))
+        await engine.start()
+        first = await engine.submit(request("base", max_tokens=50))
+        with pytest.raises(EngineOverloaded) as refused:
+            await engine.submit(request("base"))
+        engine.cancel(first)
+        [item async for item in engine.stream(first)]
+        second = await engine.generate(request("base", max_tokens=2))  # room again
+        await engine.close()
+        return refused.value, second
+
+    refused, second = asyncio.run(main())
+    assert refused.retry_after >= 1
+    assert second.completion_tokens == 2
     assert all(w.live() == 0 for w in workers.values())
 
 
