@@ -78,12 +78,12 @@ def _decoder_types(config: dict | None) -> set[str]:
     return {config["type"]} | {t for d in config.get("decoders", []) for t in _decoder_types(d)}
 
 
-def _without_prefix_space(config: dict | list) -> dict | list:
+def without_prefix_space(config: dict | list) -> dict | list:
     """A normalizer/pre-tokenizer config that no longer prepends a space to the input."""
     if isinstance(config, list):
-        return [_without_prefix_space(c) for c in config]
+        return [without_prefix_space(c) for c in config]
     config = {
-        k: _without_prefix_space(v) if isinstance(v, dict | list) else v for k, v in config.items()
+        k: without_prefix_space(v) if isinstance(v, dict | list) else v for k, v in config.items()
     }
     if config.get("type") == "Metaspace":
         config["prepend_scheme"] = "never"
@@ -111,7 +111,7 @@ class Vocab:
             config = json.loads(self.backend.to_str())
             for part in ("normalizer", "pre_tokenizer"):
                 if config.get(part):
-                    config[part] = _without_prefix_space(config[part])
+                    config[part] = without_prefix_space(config[part])
             self._encoder = Tokenizer.from_str(json.dumps(config))
         self._metaspace_bytes = self._escape_for_metaspace()
         self.missing_bytes = self._missing_bytes()

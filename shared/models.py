@@ -136,8 +136,9 @@ def eos_ids_of(model: PreTrainedModel, tokenizer) -> frozenset[int]:
 
 
 def max_context_of(model: PreTrainedModel, tokenizer) -> int:
+    """The model's position limit, or the tokenizer's if smaller (2048 if neither says)."""
     limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
-    return min(n for n in limits if isinstance(n, int) and 0 < n < 10**9)
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**9), default=2048)
 
 
 def load_model(

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from shared.bridge import TokenText, token_bytes, utf8_incomplete_tail, vocab_of
+from shared.bridge import (
+    TokenText,
+    token_bytes,
+    utf8_incomplete_tail,
+    vocab_of,
+    without_prefix_space,
+)
 from shared.types import EOS_TEXT, Commit
 from tests.tiny import TOKENIZER_KINDS, tiny_tokenizer
 
@@ -248,6 +254,53 @@ def test_text_pieces_get_no_prefix_space(kind: str, prepends: bool) -> None:
     ids = text.apply(Commit("the", (), "foreign"))
     assert not tokenizer.convert_ids_to_tokens(ids)[0].startswith("▁")
     assert text.completion_text() == "the"
+
+
+def test_a_byte_level_tokenizer_that_adds_a_prefix_space_gets_none_in_pieces() -> None:
+    tokenizer = tiny_tokenizer("bytelevel")
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("the").input_ids)[0].startswith("Ġ")
+    text = runner(tokenizer, prompt="Say")
+    text.apply(Commit("the", (), "foreign"))
+    assert text.completion_text() == "the"
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True},
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": True},
+        ),
+        (
+            {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True},
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never"},
+        ),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": True}],
+            },
+            {
+                "type": "Sequence",
+                "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": False}],
+            },
+        ),
+        (
+            {
+                "type": "Sequence",
+                "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "NFC"}],
+            },
+            {
+                "type": "Sequence",
+                "normalizers": [{"type": "Prepend", "prepend": ""}, {"type": "NFC"}],
+            },
+        ),
+        ({"type": "Whitespace"}, {"type": "Whitespace"}),
+    ],
+)
+def testwithout_prefix_space(config: dict, expected: dict) -> None:
+    assert without_prefix_space(config) == expected
 
 
 def test_a_leading_space_after_an_empty_prompt_is_dropped_by_llama_style_decoders() -> None:
