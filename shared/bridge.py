@@ -231,8 +231,9 @@ class TokenText:
         return bool(self._pending)
 
     def apply(self, commit: Commit) -> list[int]:
-        """Append a commit of the shared text; return the ids appended."""
-        if commit.family == self.family:
+        """Append a commit of the shared text; return the ids appended: the commit's own ids
+        when it comes from this runner's tokenizer family, else the encoding of its text."""
+        if commit.family and commit.family == self.family:
             new = list(commit.ids)
         elif commit.text == EOS_TEXT:
             new = [] if self._eos_id is None else [self._eos_id]

@@ -321,6 +321,13 @@ def test_same_family_commits_append_their_ids_verbatim() -> None:
     assert text.apply(Commit("", (), "fam")) == []
 
 
+def test_a_commit_without_a_family_is_text() -> None:
+    tokenizer = TOKENIZERS["bytelevel"]
+    text = runner(tokenizer, family="")
+    assert text.apply(Commit(" sea")) == tokenizer(" sea", add_special_tokens=False).input_ids
+    assert text.completion_text() == " sea"
+
+
 def test_candidate_texts_change_nothing() -> None:
     tokenizer = TOKENIZERS["sentencepiece"]
     text = runner(tokenizer)
