@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Server:
     """uvicorn serving an app in a background thread, on a free port."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -156,6 +158,11 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def live(url: str) -> dict:
     return httpx.get(f"{url}/info").json()["live"]
+
+
+def wait_idle(srv: Server) -> None:
+    """The limited server admits one request at a time: let the last one be freed first."""
+    wait_for(lambda: live(srv.url)["requests"] == 0, 10, "a request is still live")
 
 
 # --------------------------------------------------------------------- operations
@@ -372,6 +379,7 @@ def test_malformed_json_is_422(client: httpx.Client) -> None:
 
 # --------------------------------------------------------------------- limits and disconnects
 def test_over_concurrency_is_429_and_disconnect_frees_caches(limited: Server) -> None:
+    wait_idle(limited)
     url = limited.url
     cancelled = metric(url, "junction_requests_finished_total", policy="blendin",
                        finish_reason="cancelled")
@@ -393,3 +401,56 @@ def test_over_concurrency_is_429_and_disconnect_frees_caches(limited: Server) ->
     assert after == cancelled + 1
     assert httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "max_tokens": 2}).is_success
     assert metric(url, "junction_requests_total", route="/v1/generate", status="429") == 1
+
+
+# --------------------------------------------------------------------- a worker fails mid-request
+def lose_guidance_sequence(srv: Server) -> None:
+    """Fault: the guidance worker drops the live request's cache, so its next call fails."""
+    gateway = srv.app.state.gateway
+    wait_for(lambda: len(gateway.engine.live) == 1, 10, "no live request")
+    seq_id = next(iter(gateway.engine.live))
+    loop = gateway.engine._task.get_loop()  # the server's loop, where the handle lives
+    close = gateway.workers["guidance"].call("close", seq_id)
+    asyncio.run_coroutine_threadsafe(close, loop).result(10)
+
+
+BLEND_LONG = {"policy": "blendin", "tau": 1.0}
+
+
+def test_failure_mid_stream_sends_error_event(limited: Server) -> None:
+    wait_idle(limited)
+    body = {"prompt": PROMPT, "max_tokens": 400, **BLEND_LONG}
+    with httpx.stream("POST", f"{limited.url}/v1/generate_stream", json=body) as response:
+        events = sse(response)
+        assert next(events)[0] == "token"
+        lose_guidance_sequence(limited)
+        rest = list(events)
+    names = [name for name, _ in rest]
+    assert names[-2:] == ["error", "summary"] and set(names[:-2]) <= {"token"}
+    assert "guidance worker failed" in json.loads(rest[-2][1])["error"]["message"]
+    assert json.loads(rest[-1][1])["finish_reason"] == "error"
+
+
+def test_failure_mid_stream_raises_in_openai_client(limited: Server) -> None:
+    wait_idle(limited)
+    oai = openai.OpenAI(base_url=f"{limited.url}/v1", api_key="unused", max_retries=0)
+    stream = oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=400, stream=True,
+        extra_body={"junction": BLEND_LONG},
+    )
+    with pytest.raises(openai.APIError, match="guidance worker failed"):
+        for n, _ in enumerate(stream):
+            if n == 1:
+                lose_guidance_sequence(limited)
+
+
+def test_failure_without_stream_is_500(limited: Server) -> None:
+    wait_idle(limited)
+    body = {"prompt": PROMPT, "max_tokens": 400, **BLEND_LONG}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{limited.url}/v1/generate", json=body, timeout=60)
+        lose_guidance_sequence(limited)
+        response = pending.result()
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+    assert "guidance worker failed" in response.json()["error"]["message"]
