@@ -89,8 +89,8 @@ def connect_ray(config: JunctionConfig) -> None:
     """Join the cluster at RAY_ADDRESS, or start a local Ray sized for this config's actors."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS"):  # e.g. ray://head:10001 (Ray Client) or head:6379
+        ray.init(address=os.environ["RAY_ADDRESS"])
         return
     # Logical CPUs: every actor must fit even on a machine with fewer cores than roles.
     wanted = math.ceil(sum(spec.num_cpus for spec in configured_roles(config).values()))
