@@ -172,15 +172,21 @@ class LMRunner:
 
     def _forward(self, seq_ids: list[str]) -> None:
         """Run every pending token of these sequences; leaves next-token logits on each."""
-        batched = []
+        batched, prompts = [], []
         for seq_id in seq_ids:
             seq = self.seqs[seq_id]
             if len(seq.pending) == 1 and seq.cached > 0:
                 batched.append(seq_id)
-            elif seq.pending:  # a prompt, a first token, or text another model wrote
+            elif seq.pending and seq.cached == 0:
+                prompts.append(seq_id)
+            elif seq.pending:  # text another model wrote: several tokens for one sequence
                 self._forward_alone(seq_id)
             elif seq.logits is None:
                 raise RuntimeError(f"sequence {seq_id!r} has nothing to run")
+        if len(prompts) == 1:
+            self._forward_alone(prompts[0])
+        elif prompts:
+            self._prefill(prompts)
         if batched:
             self._forward_batch(batched)
 
@@ -206,6 +212,31 @@ class LMRunner:
         seq.cached += n
         seq.pending = []
         seq.logits = out.logits[0, -1].float()
+
+    def _prefill(self, seq_ids: list[str]) -> None:
+        """New prompts in one left-padded forward; each row's cache is then its real tokens."""
+        seqs = [self.seqs[s] for s in seq_ids]
+        lengths = [len(s.pending) for s in seqs]
+        width = max(lengths)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        positions = torch.zeros_like(ids)
+        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            ids[row, width - n :] = torch.tensor(seq.pending, device=self.device)
+            mask[row, width - n :] = 1
+            positions[row, width - n :] = torch.arange(n, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1].float()
+        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            seq.cache = slice_row(out.past_key_values, row, n)  # drops the left padding
+            seq.cached, seq.pending, seq.logits = n, [], logits[row]
 
     def _forward_batch(self, seq_ids: list[str]) -> None:
         if self.batch is None or set(self.batch.seq_ids) != set(seq_ids):

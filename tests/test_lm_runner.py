@@ -49,16 +49,19 @@ def test_greedy_single_sequence_matches_transformers_generate(fixture, request):
     assert run_greedy(runner, "a", 24) == greedy_reference(pair.model, prompt_ids, 24)
 
 
+JOINS_AND_LEAVES = [["a"], ["a", "b"], ["a", "b"], ["b"], ["b", "c"]] + [["a", "b", "c"]] * 11
+ALL_AT_ONCE = [["a", "b", "c"]] * 12  # three prompts prefilled together, left-padded
+
+
+@pytest.mark.parametrize("schedule", [JOINS_AND_LEAVES, ALL_AT_ONCE], ids=["joins", "together"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
-def test_batched_steps_with_joins_and_leaves_match_each_sequence_alone(fixture, request):
+def test_batched_steps_with_joins_and_leaves_match_each_sequence_alone(fixture, schedule, request):
     pair = request.getfixturevalue(fixture)
     runner = runner_for(pair)
-    prompts = {"a": "hello there", "b": "the cat sat on the mat and then", "c": "x"}
+    # the long prompt is past the tiny Gemma's sliding window of 8
+    prompts = {"a": "hello there", "b": "the cat sat on the mat and then the dog", "c": "x"}
     history: dict[str, list[int]] = {}
     pending: dict[str, list[Commit]] = {}
-    schedule = [["a"], ["a", "b"], ["a", "b"], ["b"], ["b", "c"], ["a", "b", "c"]] + [
-        ["a", "b", "c"]
-    ] * 10
     for live in schedule:
         for seq_id in live:
             if seq_id not in history:
