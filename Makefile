@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/junction generate --prompt "The three most important things to know about the ocean are" --policy blendin --max-tokens 48
+	$(VENV)/bin/junction serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
