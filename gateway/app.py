@@ -32,7 +32,7 @@ from gateway.metrics import Metrics
 from gateway.openai_api import Reply, stream_events
 from gateway.schemas import ChatCompletionBody, CompletionBody, GenerateBody, OpenAIBody
 from gateway.sequence import GenerationRequest, Sequence
-from services.actors import configured_roles, start_workers, stop_workers
+from services.actors import WorkerUnavailable, configured_roles, start_workers, stop_workers
 from services.factory import build_runner
 from services.handles import Handle, LocalHandle
 from shared.config import POLICIES, JunctionConfig, PolicyConfig
@@ -184,6 +184,10 @@ async def admit(
         raise ApiError(429, str(exc), kind="rate_limit_error", headers=retry) from exc
     except ValueError as exc:
         raise bad_request(exc) from exc
+    except WorkerUnavailable as exc:  # an actor is restarting after its process died
+        retry = {"Retry-After": "5"}
+        raise ApiError(503, f"a worker is unavailable: {exc}", kind="unavailable",
+                       headers=retry) from exc
 
 
 async def _cancel_on_disconnect(request: Request, engine: Engine, seq: Sequence) -> None:

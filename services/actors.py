@@ -26,6 +26,8 @@ from shared.config import JunctionConfig, ModelSpec
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
+# Raised by a call to an actor that died or is restarting: the caller may retry shortly.
+WorkerUnavailable = ray.exceptions.RayActorError
 
 
 class _Worker:

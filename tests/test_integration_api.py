@@ -8,6 +8,7 @@ actors' caches.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -127,3 +128,18 @@ def test_disconnect_frees_actor_caches(client: httpx.Client, server: Server) -> 
     wait_for(lambda: set(live(server.url)["workers"].values()) == {0}, 10, "caches not freed")
     assert metric(server.url, "junction_requests_finished_total", **labels) == cancelled + 1
 
+
+
+def test_a_killed_actor_is_restarted(client: httpx.Client, server: Server) -> None:
+    actor = server.app.state.gateway.workers["guidance"].actor
+    ray.kill(actor, no_restart=False)  # the process dies; Ray starts a new one, which reloads
+    body = {"prompt": PROMPT, "max_tokens": 4, "policy": "nudging"}
+    statuses = []
+    deadline = time.monotonic() + 300
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() < deadline, f"no recovery: {statuses}"
+        statuses.append(client.post("/v1/generate", json=body).status_code)
+        time.sleep(0.5)
+    # While it restarts: 503 (at admission) or 500 (a step that met the dying process).
+    assert set(statuses) <= {200, 500, 503}
+    assert live(server.url)["workers"]["guidance"] == 0
