@@ -403,6 +403,18 @@ def test_over_concurrency_is_429_and_disconnect_frees_caches(limited: Server) ->
     assert metric(url, "junction_requests_total", route="/v1/generate", status="429") == 1
 
 
+
+def test_disconnect_without_stream_cancels(limited: Server) -> None:
+    wait_idle(limited)
+    labels = {"policy": "blendin", "finish_reason": "cancelled"}
+    cancelled = metric(limited.url, "junction_requests_finished_total", **labels)
+    body = {"prompt": PROMPT, "max_tokens": 400, "policy": "blendin", "tau": 1.0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{limited.url}/v1/generate", json=body, timeout=0.5)
+    wait_idle(limited)
+    assert metric(limited.url, "junction_requests_finished_total", **labels) == cancelled + 1
+    assert live(limited.url)["workers"] == {"base": 0, "guidance": 0, "value": 0}
+
 # --------------------------------------------------------------------- a worker fails mid-request
 def lose_guidance_sequence(srv: Server) -> None:
     """Fault: the guidance worker drops the live request's cache, so its next call fails."""
