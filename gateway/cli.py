@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
+import torch
 import typer
+from tqdm import tqdm
 
+from gateway.best_of import RewardScorer, Scorer, ValueScorer, best_of_n, generate_many
 from gateway.engine import Engine
 from gateway.sequence import GenerationRequest
 from services.factory import build_runner
 from services.handles import LocalHandle
-from shared.config import POLICIES, PolicyConfig, SamplingParams, load_config
+from shared.config import POLICIES, ModelSpec, PolicyConfig, SamplingParams, load_config
+from shared.datasets import Example, load_split
+from shared.models import load_model, resolve_device
+from shared.rewards import RewardSource, reward_from_spec
+from shared.training import (
+    CHECKPOINT_FILE,
+    TRAJECTORY_FILE,
+    TrainSettings,
+    Trajectory,
+    constant_loss,
+    encode,
+    fit,
+    load_trajectories,
+    save_trajectories,
+    split_by_prompt,
+    store_adapter_as,
+)
 from shared.types import GenerationResult, TokenEvent
+from shared.value_model import LoraSettings, build_value_model, save_value_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -41,6 +65,17 @@ async def _run(engine: Engine, req: GenerationRequest, echo: bool) -> Generation
         await engine.close()
 
 
+async def _run_best_of(
+    engine: Engine, req: GenerationRequest, n: int, scorer: Scorer
+) -> GenerationResult:
+    await engine.start()
+    try:
+        best, _ = await best_of_n(engine, req, n, scorer)
+        return best
+    finally:
+        await engine.close()
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="Prompt text (plain; the guidance model "
@@ -64,8 +99,14 @@ def generate(
     guidance: str | None = typer.Option(None, "--guidance", help="Guidance model: HF id or path."),
     value: str | None = typer.Option(None, "--value", help="Value adapter directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    n: int = typer.Option(1, "--n", "--best-of", min=1,
+                          help="Best-of-N: sample N completions (seeds seed..seed+N-1), "
+                          "return the best by the value model."),
+    reward: str | None = typer.Option(None, "--reward",
+                                      help="Best-of-N: score with this reward source instead "
+                                      "(marker:TEXT, or a reward model id or path)."),
 ) -> None:
-    """Generate one completion with a junction policy."""
+    """Generate one completion with a junction policy (or the best of N)."""
     try:
         cfg = load_config(config)
         for role, source in (("base", base), ("guidance", guidance), ("value", value)):
@@ -79,8 +120,16 @@ def generate(
                 value_temperature=value_temperature, target_ratio=target_ratio, tau=tau, lam=lam,
             ),
         )
-        engine = local_engine(cfg, req.roles, progress=not as_json)
-        result = asyncio.run(_run(engine, req, echo=not as_json))
+        if n > 1:
+            scorer = ValueScorer() if reward is None else RewardScorer(reward_from_spec(reward))
+            roles = req.roles if reward is not None else tuple(dict.fromkeys((*req.roles, "value")))
+            engine = local_engine(cfg, roles, progress=not as_json)
+            result = asyncio.run(_run_best_of(engine, req, n, scorer))
+            if not as_json:
+                typer.echo(result.text, nl=False)
+        else:
+            engine = local_engine(cfg, req.roles, progress=not as_json)
+            result = asyncio.run(_run(engine, req, echo=not as_json))
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -121,6 +170,283 @@ def serve(
         err=True,
     )
     uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
+
+# ----------------------------------------------------------------- value training, evaluation
+
+
+def _requests(
+    examples: list[Example], policy: PolicyConfig, sampling: SamplingParams, samples: int = 1
+) -> list[GenerationRequest]:
+    """One request per (example, sample), each with its own seed: seed, seed + 1, ..."""
+    first = sampling.seed or 0
+    return [
+        GenerationRequest(
+            prompt=ex.prompt,
+            sampling=replace(
+                sampling, seed=first + i * samples + j, stop=list(sampling.stop)
+            ),
+            policy=policy,
+        )
+        for i, ex in enumerate(examples)
+        for j in range(samples)
+    ]
+
+
+def _rewards(
+    source: RewardSource, reqs: list[GenerationRequest], refs: list, results: list, desc: str
+) -> list[float]:
+    return [
+        source.score(req.prompt, res.text, ref)
+        for req, ref, res in tqdm(list(zip(reqs, refs, results, strict=True)), desc=desc)
+    ]
+
+
+async def _generate_all(
+    engine: Engine, groups: dict[str, list[GenerationRequest]]
+) -> dict[str, tuple[list[GenerationResult], float]]:
+    """Each group's results and wall seconds, one group after the other."""
+    await engine.start()
+    try:
+        out = {}
+        for name, reqs in groups.items():
+            start = time.perf_counter()
+            results = await generate_many(engine, reqs, progress=name)
+            out[name] = (results, time.perf_counter() - start)
+        return out
+    finally:
+        await engine.close()
+
+
+def _sample_trajectories(
+    cfg, examples: list[Example], policy: PolicyConfig, sampling: SamplingParams,
+    samples: int, source: RewardSource,
+) -> list[Trajectory]:
+    reqs = _requests(examples, policy, sampling, samples)
+    engine = local_engine(cfg, reqs[0].roles)
+    results, _ = asyncio.run(_generate_all(engine, {"sampling": reqs}))["sampling"]
+    refs = [ex.refs for ex in examples for _ in range(samples)]
+    rewards = _rewards(source, reqs, refs, results, desc=f"reward ({source.name})")
+    rows = [ex.row for ex in examples for _ in range(samples)]
+    return [
+        Trajectory(req.prompt, res.text, r, row, req.sampling.seed or 0, res.finish_reason)
+        for req, res, r, row in zip(reqs, results, rewards, rows, strict=True)
+    ]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@app.command("train-value")
+def train_value(
+    data: Path = typer.Option(..., "--data", help="Prompts: TruthfulQA CSV, GSM8K jsonl, "
+                              "XSTest/AdvBench CSV, jsonl with 'prompt', or one per line."),
+    out: Path = typer.Option(..., "--out", help="Directory for the value model."),
+    split: str = typer.Option("train", help="Rows: train (even), eval (odd) or all."),
+    limit: int | None = typer.Option(None, min=1, help="Use the first N prompts of the split."),
+    reward: str = typer.Option("reference", help="Reward source: reference (TruthfulQA "
+                               "ROUGE-L), marker:TEXT, marker-rate:TEXT, or a reward model."),
+    samples: int = typer.Option(1, min=1, help="Responses sampled per prompt."),
+    policy: str = typer.Option("base", help="Policy that samples the responses."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(1.0, min=0.0),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    stop: list[str] = typer.Option(["\n"], "--stop", help="Stop string (repeatable; "
+                                   "default a newline, '' for none)."),
+    epochs: int = typer.Option(2, min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lr: float = typer.Option(5e-4, help="Learning rate of the LoRA weights."),
+    head_lr: float = typer.Option(1e-3, "--head-lr", help="Learning rate of the value head."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of prompts held out."),
+    seed: int = typer.Option(0),
+    lora_r: int = typer.Option(16, "--lora-r", min=1),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", min=1),
+    lora_dropout: float = typer.Option(0.1, "--lora-dropout"),
+    adapter_dtype: str = typer.Option("float32", "--adapter-dtype",
+                                      help="Store the adapter as float32 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    base: str | None = typer.Option(None, "--base", help="Backbone (and sampler): HF id or path."),
+    value: str | None = typer.Option(None, "--value", help="Value adapter for a sia/dense "
+                                     "sampling policy."),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the sampled trajectories and "
+                                "the last epoch checkpoint in --out."),
+) -> None:
+    """Train a value model: sample responses, score them, distil the rewards (SIA's loss)."""
+    try:
+        if adapter_dtype not in ("float32", "float16"):
+            raise ValueError("adapter-dtype must be float32 or float16")
+        cfg = load_config(config)
+        cfg.base = replace(cfg.base, device=device, **({"source": base} if base else {}))
+        if value is not None:
+            cfg.value = replace(cfg.value or ModelSpec(), source=value)
+        settings = TrainSettings(epochs, batch_size, lr, head_lr, 0.0, 1.0, val_fraction, seed)
+        lora = LoraSettings(lora_r, lora_alpha, lora_dropout)
+        source = reward_from_spec(reward, device=str(resolve_device(device)))
+        out.mkdir(parents=True, exist_ok=True)
+        cached = out / TRAJECTORY_FILE
+        if resume and cached.is_file():
+            trajectories = load_trajectories(cached)
+        else:
+            examples = load_split(data, split, limit)
+            if not examples:
+                raise ValueError(f"{data}: no prompts in the {split} split")
+            sampling = SamplingParams(max_tokens, temperature, top_p, seed, [s for s in stop if s])
+            policy_cfg = PolicyConfig(policy=policy)
+            trajectories = _sample_trajectories(
+                cfg, examples, policy_cfg, sampling, samples, source
+            )
+            save_trajectories(cached, trajectories)
+        loaded = load_model("value", cfg.base)
+        vm = build_value_model(loaded.model, lora, seed=seed)
+        encoded = [encode(loaded.tokenizer, t, loaded.max_context) for t in trajectories]
+        train, val = split_by_prompt(
+            encoded, [t.prompt for t in trajectories], val_fraction, seed
+        )
+        history = fit(vm, train, val, settings, checkpoint_dir=out, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    train_rewards = [e.reward for e in train]
+    losses = {
+        "history": history,
+        "val_loss": history[-1]["val_loss"],
+        "constant_val_loss": constant_loss(train_rewards, [e.reward for e in val]),
+        "train_mean_reward": sum(train_rewards) / len(train_rewards),
+    }
+    meta = {
+        "backbone": cfg.base.source,
+        "command": "junction " + shlex.join(sys.argv[1:]),
+        "data": {"file": data.name, "split": split, "limit": limit, "samples": samples,
+                 "prompts": len({t.prompt for t in trajectories}),
+                 "trajectories": len(trajectories), "train": len(train), "val": len(val)},
+        "reward": source.name,
+        "sampling": {"policy": policy, "max_tokens": max_tokens, "temperature": temperature,
+                     "top_p": top_p, "stop": list(stop)},
+        "training": {**asdict(settings), "adapter_dtype": adapter_dtype},
+        "seed": seed,
+        "losses": losses,
+    }
+    save_value_model(vm, out, meta)
+    if adapter_dtype == "float16":
+        store_adapter_as(out, torch.float16)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+    typer.echo(
+        f"validation loss {losses['val_loss']:.4f} vs constant predictor "
+        f"{losses['constant_val_loss']:.4f} ({len(val)} held-out trajectories); saved to {out}",
+        err=True,
+    )
+
+
+def _summary(name: str, rewards: list[float], results: list[GenerationResult], seconds: float):
+    n = len(results)
+    mean = sum(rewards) / n
+    spread = (sum((r - mean) ** 2 for r in rewards) / max(1, n - 1)) ** 0.5
+    steps = sum(r.steps for r in results)
+    return {
+        "policy": name,
+        "requests": n,
+        "reward": mean,
+        "reward_stderr": spread / n**0.5,
+        "intervention_rate": sum(r.interventions for r in results) / steps if steps else 0.0,
+        "steps": steps,
+        "value_tokens": sum(r.work["value_tokens"] for r in results),
+        "base_tokens": sum(r.work["base_tokens"] for r in results),
+        "seconds": seconds,
+    }
+
+
+def _plot(rows: list[dict], path: Path, reward_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.errorbar(row["intervention_rate"], row["reward"], yerr=row["reward_stderr"],
+                    fmt="o", capsize=3)
+        ax.annotate(row["policy"], (row["intervention_rate"], row["reward"]),
+                    textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("intervention rate (junction steps / decode steps)")
+    ax.set_ylabel(f"mean reward ({reward_name})")
+    ax.set_xlim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Prompts file (as for train-value)."),
+    split: str = typer.Option("eval", help="Rows: eval (odd), train (even) or all."),
+    limit: int | None = typer.Option(24, min=1, help="The first N prompts of the split."),
+    reward: str = typer.Option("reference", help="Reward source (as for train-value)."),
+    target_ratio: list[float] = typer.Option([0.2], "--target-ratio",
+                                             help="SIA target ratio (repeatable)."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Include the dense policy."),
+    beta: float = typer.Option(1.0, help="SIA's value weight β."),
+    value_temperature: float = typer.Option(0.0, "--value-temperature",
+                                            help="SIA's T (0 = argmax, deterministic)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="Base sampling; 0 = greedy."),
+    stop: list[str] = typer.Option(["\n"], "--stop", help="Stop string (repeatable; "
+                                   "default a newline, '' for none)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    base: str | None = typer.Option(None, "--base", help="Base model: HF id or path."),
+    value: str | None = typer.Option(None, "--value", help="Value adapter directory."),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+    out: Path = typer.Option(Path("evaluation"), "--out", help="Where the JSON and plot go."),
+) -> None:
+    """Reward of base, SIA and dense side by side, with intervention rates and value work."""
+    try:
+        cfg = load_config(config)
+        cfg.base = replace(cfg.base, device=device, **({"source": base} if base else {}))
+        cfg.value = replace(cfg.value or ModelSpec(), device=device,
+                            **({"source": value} if value else {}))
+        source = reward_from_spec(reward, device=str(resolve_device(device)))
+        examples = load_split(data, split, limit)
+        if not examples:
+            raise ValueError(f"{data}: no prompts in the {split} split")
+        sampling = SamplingParams(max_tokens, temperature, 1.0, seed, [s for s in stop if s])
+        sia = {"beta": beta, "value_temperature": value_temperature}
+        policies = {"base": PolicyConfig("base")}
+        for ratio in target_ratio:
+            policies[f"sia@{ratio:g}"] = PolicyConfig("sia", target_ratio=ratio, **sia)
+        if dense:
+            policies["dense"] = PolicyConfig("dense", **sia)
+        groups = {name: _requests(examples, p, sampling) for name, p in policies.items()}
+        roles = ("base", "value") if len(policies) > 1 else ("base",)
+        generated = asyncio.run(_generate_all(local_engine(cfg, roles), groups))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    refs = [ex.refs for ex in examples]
+    rows = []
+    for name, (results, seconds) in generated.items():
+        rewards = _rewards(source, groups[name], refs, results, desc=f"reward {name}")
+        rows.append(_summary(name, rewards, results, seconds))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": "junction " + shlex.join(sys.argv[1:]), "reward": source.name,
+              "data": {"file": data.name, "split": split, "prompts": len(examples)},
+              "rows": rows}
+    (out / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
+    _plot(rows, out / "evaluation.png", source.name)
+    typer.echo(_table(rows))
+    typer.echo(f"saved {out / 'evaluation.json'} and {out / 'evaluation.png'}", err=True)
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| policy | reward (± s.e.) | intervention rate | value tokens | base tokens | s |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['reward']:+.4f} ± {r['reward_stderr']:.4f} | "
+            f"{r['intervention_rate']:.1%} | {r['value_tokens']} | {r['base_tokens']} | "
+            f"{r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -1,0 +1,160 @@
+"""Many completions through one engine: batches of requests, and Best-of-N for any policy.
+
+Best-of-N runs N sampled completions of a request (seeds seed, seed+1, ...) concurrently —
+the engine batches them into its ticks like any other requests — scores each finished
+completion, and returns the best. Scorers:
+
+- `ValueScorer`: the value model's V at the final token of prompt ⊕ completion, through the
+  value worker's own `open`/`score`/`close` (all N completions scored in one call over the
+  shared prompt cache; the tokens it processes count as value work);
+- `RewardScorer`: any reward source from `shared.rewards` (a reward model, the reference
+  reward when the prompt has references, the marker reward).
+
+The returned result is the best completion's text with the counters (`steps`,
+`interventions`, `by_kind`, `work`) of all N runs added up, plus the scoring's value work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from tqdm import tqdm
+
+from gateway.engine import Engine, EngineOverloaded
+from gateway.sequence import GenerationRequest
+from shared.config import VALUE_POLICIES
+from shared.rewards import References, RewardSource
+from shared.steering import best_of
+from shared.types import Commit, GenerationResult, ScoreRequest
+
+
+async def generate_many(
+    engine: Engine, reqs: Sequence[GenerationRequest], progress: str | None = None
+) -> list[GenerationResult]:
+    """Every request's result, in order; at most the engine's concurrency limit at once.
+
+    `progress` is a progress-bar label (None = no bar).
+    """
+    gate = asyncio.Semaphore(engine.limits.max_concurrency)
+    with tqdm(total=len(reqs), desc=progress, disable=progress is None) as bar:
+
+        async def one(req: GenerationRequest) -> GenerationResult:
+            async with gate:
+                while True:
+                    try:
+                        result = await engine.generate(req)
+                        break
+                    except EngineOverloaded:
+                        # A finished request leaves the engine at its next tick; wait for it.
+                        await asyncio.sleep(0.01)
+            bar.update()
+            return result
+
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+
+class Scorer(Protocol):
+    async def score(
+        self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
+    ) -> tuple[list[float], int]:
+        """One score per completion, and the value-model tokens the scoring processed."""
+        ...
+
+
+class ValueScorer:
+    """V(x, y) at the last token of each full completion, from the engine's value worker."""
+
+    async def score(
+        self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
+    ) -> tuple[list[float], int]:
+        if "value" not in engine.workers:
+            raise ValueError("best-of-N by value needs a value model (or pass a reward source)")
+        value = engine.workers["value"]
+        seq_id = f"best-of-{uuid.uuid4().hex}"
+        await value.call("open", seq_id, req.prompt, req.messages)
+        try:
+            # Text commits: the value worker encodes each completion with its own tokenizer.
+            candidates = [Commit(r.text) for r in results]
+            [scored] = await value.call("score", [ScoreRequest(seq_id, candidates)])
+        finally:
+            await value.call("close", seq_id)
+        return list(scored.values), scored.processed
+
+
+class RewardScorer:
+    """A reward source's score of (prompt, completion, references)."""
+
+    def __init__(self, source: RewardSource, refs: References | None = None) -> None:
+        self.source = source
+        self.refs = refs
+
+    async def score(
+        self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
+    ) -> tuple[list[float], int]:
+        prompt = req.prompt if req.prompt is not None else _last_user_text(req.messages or [])
+
+        def run() -> list[float]:
+            return [self.source.score(prompt, r.text, self.refs) for r in results]
+
+        return await asyncio.to_thread(run), 0
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def samples_of(req: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """N copies of a request with seeds seed, seed+1, ... (a random start when unseeded)."""
+    sampling = req.sampling
+    policy = req.policy
+    draws = sampling.temperature > 0 or (
+        policy.policy in VALUE_POLICIES and policy.value_temperature > 0
+    )
+    if n > 1 and not draws:
+        raise ValueError("n: best-of-N needs sampling (temperature > 0), or N equal completions")
+    first = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+    return [
+        replace(
+            req,
+            sampling=replace(sampling, seed=first + i, stop=list(sampling.stop)),
+            request_id=uuid.uuid4().hex,
+        )
+        for i in range(n)
+    ]
+
+
+def combined(best: GenerationResult, results: Sequence[GenerationResult], work: int):
+    """The best completion with the counters of all runs (and the scoring work) added up."""
+    total = {key: sum(r.work.get(key, 0) for r in results) for key in best.work}
+    total["value_tokens"] = total.get("value_tokens", 0) + work
+    kinds = {key: sum(r.by_kind.get(key, 0) for r in results) for key in best.by_kind}
+    return replace(
+        best,
+        steps=sum(r.steps for r in results),
+        interventions=sum(r.interventions for r in results),
+        by_kind=kinds,
+        work=total,
+    )
+
+
+async def best_of_n(
+    engine: Engine, req: GenerationRequest, n: int, scorer: Scorer
+) -> tuple[GenerationResult, list[GenerationResult]]:
+    """Run N sampled completions of `req` concurrently; (the best, with summed counters; all N).
+
+    Completions that ended in an error are never chosen while another one finished.
+    """
+    if not 1 <= n <= engine.limits.max_n:
+        raise ValueError(f"n: between 1 and {engine.limits.max_n}")
+    results = list(await asyncio.gather(*(engine.generate(r) for r in samples_of(req, n))))
+    scores, work = await scorer.score(engine, req, results)
+    usable = [s if r.finish_reason != "error" else float("-inf") for s, r in zip(
+        scores, results, strict=True
+    )]
+    return combined(results[best_of(usable)], results, work), results

@@ -1,0 +1,268 @@
+"""Training SIA's value model: distil trajectory rewards into token-level values.
+
+Data are trajectories (a prompt, a sampled response, the reward of the full response). The
+loss is SIA's: L = E[(mean_t V(x, y≤t) − R(x, y))²], the mean over the positions of the
+response's tokens (a response with no tokens uses the last prompt position, V(x)). The head
+starts as the constant predictor — weight 0, bias = mean training reward — so a validation
+loss below `constant_loss` is something the model learned.
+
+Resumable: after each epoch a checkpoint (trainable weights, optimizer, history) is written;
+epoch e shuffles with seed + e and reseeds dropout, so a resumed run repeats the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from shared.bridge import vocab_of
+from shared.prompts import build_prompt_ids
+from shared.value_model import ValueModel
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAJECTORY_FILE = "trajectories.jsonl"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass(slots=True)
+class Trajectory:
+    prompt: str
+    response: str
+    reward: float
+    row: int = -1  # the prompt's data row
+    sample: int = 0  # which sample of that prompt
+    finish_reason: str = ""
+
+
+@dataclass(slots=True)
+class Encoded:
+    ids: list[int]  # prompt then response, in the value model's vocabulary
+    start: int  # position of the first response token (the last prompt token if none)
+    reward: float
+
+
+@dataclass(slots=True)
+class TrainSettings:
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in (0, 1)")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def save_trajectories(path: Path, trajectories: Sequence[Trajectory]) -> None:
+    lines = [json.dumps(asdict(t), ensure_ascii=False) for t in trajectories]
+    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def load_trajectories(path: Path) -> list[Trajectory]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [Trajectory(**json.loads(line)) for line in lines if line.strip()]
+
+
+def encode(tokenizer, trajectory: Trajectory, max_tokens: int = 512) -> Encoded:
+    """Prompt ids as the value runner builds them, then the response's text encoded as the
+    text bridge encodes a candidate; the response is cut to fit `max_tokens` in all."""
+    prompt = build_prompt_ids(tokenizer, prompt=trajectory.prompt, chat=False)
+    if not prompt:
+        raise ValueError("a prompt encodes to no tokens; the value model needs a prefix")
+    response = vocab_of(tokenizer).encode(trajectory.response) if trajectory.response else []
+    ids = (prompt + response)[: max(max_tokens, len(prompt) + 1)]
+    start = len(prompt) if len(ids) > len(prompt) else len(prompt) - 1
+    return Encoded(ids, start, trajectory.reward)
+
+
+def split_by_prompt(
+    items: Sequence, prompts: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list, list]:
+    """Hold out a seeded share of the distinct prompts (all samples of a prompt go together)."""
+    distinct = sorted(set(prompts))
+    random.Random(seed).shuffle(distinct)
+    n_val = max(1, round(len(distinct) * val_fraction)) if len(distinct) > 1 else 0
+    held = set(distinct[:n_val])
+    train = [x for x, p in zip(items, prompts, strict=True) if p not in held]
+    val = [x for x, p in zip(items, prompts, strict=True) if p in held]
+    return train, val
+
+
+def collate(batch: Sequence[Encoded], device: torch.device | str = "cpu") -> dict:
+    """Right-padded ids, attention mask, response-position mask and rewards."""
+    width = max(len(e.ids) for e in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    response = torch.zeros(len(batch), width)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        mask[row, : len(e.ids)] = 1
+        response[row, e.start : len(e.ids)] = 1.0
+    rewards = torch.tensor([e.reward for e in batch], dtype=torch.float32)
+    tensors = {"ids": ids, "mask": mask, "response": response, "rewards": rewards}
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+
+def trajectory_values(values: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """mean_t V(x, y≤t) per row, over the response positions."""
+    return (values * response).sum(dim=1) / response.sum(dim=1)
+
+
+def trajectory_loss(values: torch.Tensor, response: torch.Tensor, rewards: torch.Tensor):
+    """SIA's loss: mean over rows of (mean_t V − R)²."""
+    return ((trajectory_values(values, response) - rewards) ** 2).mean()
+
+
+def constant_loss(train_rewards: Sequence[float], rewards: Sequence[float]) -> float:
+    """The loss of always predicting the mean training reward: the bar to beat."""
+    mean = sum(train_rewards) / len(train_rewards)
+    return sum((r - mean) ** 2 for r in rewards) / len(rewards)
+
+
+def batch_loss(vm: ValueModel, batch: dict) -> torch.Tensor:
+    values, _ = vm(batch["ids"], attention_mask=batch["mask"])
+    return trajectory_loss(values, batch["response"], batch["rewards"])
+
+
+@torch.no_grad()
+def mean_loss(vm: ValueModel, data: Sequence[Encoded], batch_size: int, device) -> float:
+    """SIA's loss over a data set (eval mode, no dropout)."""
+    vm.eval()
+    total = 0.0
+    for i in range(0, len(data), batch_size):
+        chunk = data[i : i + batch_size]
+        total += float(batch_loss(vm, collate(chunk, device))) * len(chunk)
+    return total / len(data)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def start_as_constant(vm: ValueModel, mean_reward: float) -> None:
+    """Head weight 0 and bias = mean reward: V starts as the constant predictor."""
+    with torch.no_grad():
+        vm.head.weight.zero_()
+        vm.head.bias.fill_(mean_reward)
+
+
+def trainable(vm: ValueModel) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in vm.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(vm: ValueModel, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = trainable(vm)
+    lora = [p for name, p in params.items() if not name.startswith("head.")]
+    groups = [{"params": lora, "lr": settings.lr}]
+    groups.append({"params": list(vm.head.parameters()), "lr": settings.head_lr})
+    return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+
+
+def save_checkpoint(path: Path, vm: ValueModel, optimizer, epoch: int, history: list) -> None:
+    state = {
+        "weights": {name: p.detach().cpu() for name, p in trainable(vm).items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+    }
+    scratch = Path(path).with_suffix(".tmp")
+    torch.save(state, scratch)
+    scratch.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, vm: ValueModel, optimizer) -> tuple[int, list]:
+    """Restore weights and optimizer; returns (epochs done, history)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = trainable(vm)
+    if set(state["weights"]) != set(params):
+        raise ValueError(f"{path}: checkpoint does not match this value model's trainable weights")
+    with torch.no_grad():
+        for name, tensor in state["weights"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def train_epoch(
+    vm: ValueModel,
+    optimizer,
+    data: Sequence[Encoded],
+    settings: TrainSettings,
+    epoch: int,
+    device,
+    progress: bool = True,
+) -> float:
+    """One pass in a seeded order; returns the mean training loss of the epoch."""
+    vm.train()
+    torch.manual_seed(settings.seed * 1000 + epoch)  # dropout masks: same on a resumed run
+    order = list(range(len(data)))
+    random.Random(settings.seed * 1000 + epoch).shuffle(order)
+    starts = range(0, len(order), settings.batch_size)
+    total, seen = 0.0, 0
+    bar = tqdm(starts, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress)
+    for i in bar:
+        chunk = [data[j] for j in order[i : i + settings.batch_size]]
+        loss = batch_loss(vm, collate(chunk, device))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(trainable(vm).values()), settings.max_grad_norm)
+        optimizer.step()
+        total, seen = total + loss.item() * len(chunk), seen + len(chunk)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / seen
+
+
+def fit(
+    vm: ValueModel,
+    train: Sequence[Encoded],
+    val: Sequence[Encoded],
+    settings: TrainSettings,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Train for `settings.epochs` epochs; history = one row per epoch with both losses."""
+    if not train or not val:
+        raise ValueError("need at least one training and one validation trajectory")
+    device = vm.head.weight.device
+    optimizer = make_optimizer(vm, settings)
+    done, history = 0, []
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if resume and path is not None and path.is_file():
+        done, history = load_checkpoint(path, vm, optimizer)
+    else:
+        start_as_constant(vm, sum(e.reward for e in train) / len(train))
+    for epoch in range(done, settings.epochs):
+        train_loss = train_epoch(vm, optimizer, train, settings, epoch, device, progress)
+        val_loss = mean_loss(vm, val, settings.batch_size, device)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+        if path is not None:
+            save_checkpoint(path, vm, optimizer, epoch + 1, history)
+    vm.eval()
+    return history
+
+
+def store_adapter_as(out_dir: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved adapter's weights in `dtype` (float16 halves the shipped size;
+    peft casts them back to the backbone's dtype on load)."""
+    path = Path(out_dir) / ADAPTER_FILE
+    weights = {name: t.to(dtype).contiguous() for name, t in load_file(str(path)).items()}
+    save_file(weights, str(path), metadata={"format": "pt"})
