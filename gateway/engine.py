@@ -46,6 +46,8 @@ from shared.types import (
     WordResult,
 )
 
+MAX_RECOVERIES = 3  # times one request may be replayed onto a restarted worker
+
 
 class EngineOverloaded(Exception):
     """Too many live requests; the caller should retry after `retry_after` seconds."""
@@ -203,7 +205,8 @@ class Engine:
 
     async def _tick(self) -> None:
         await self._reap()
-        seqs = [s for s in self.live.values() if s.status is Status.RUNNING]
+        await self._recover()
+        seqs = [s for s in self.live.values() if s.status is Status.RUNNING and not s.lost]
         if not seqs:
             return
         steps = await self._driver_steps(seqs)
@@ -211,9 +214,30 @@ class Engine:
         kinds = {s.id: self._junction(s, steps[s.id]) for s in seqs}
         values, blends, words = await self._consult(seqs, steps, kinds)
         for s in seqs:
-            if s.status is Status.RUNNING:
+            s.work[f"{s.req.driver}_tokens"] += steps[s.id].processed
+            if s.status is Status.RUNNING and not s.lost:
                 self._advance(s, steps[s.id], kinds[s.id], values, blends, words)
         await self._reap()
+
+    async def _recover(self) -> None:
+        """Re-open requests on workers that lost them; their next call replays every commit.
+
+        The engine holds each request's whole text as a commit log, so a restarted worker
+        can be brought back in step: nothing the client already received is lost or changed.
+        """
+        lost = [(s, role) for s in self.live.values() for role in sorted(s.lost)]
+        for seq, role in lost:
+            req = seq.req
+            try:
+                await self._call(role, "close", seq.id)
+                await self._call(role, "open", seq.id, req.prompt, req.messages, req.sampling.seed)
+            except Exception as exc:  # noqa: BLE001 - still restarting, or gone for good
+                if not self.workers[role].unavailable(exc):
+                    seq.finish("error", error=f"{role} worker failed: {exc}")
+                await asyncio.sleep(0.2)  # give a restarting worker a moment
+                continue
+            seq.synced[role] = 0
+            seq.lost.discard(role)
 
     async def _driver_steps(self, seqs: list[Sequence]) -> dict[str, StepResult]:
         """Step 1: one batched step per driver model."""
@@ -301,7 +325,6 @@ class Engine:
         """Step 4: commit the chosen piece, stream it, count it."""
         policy, top, driver = seq.policy, step.top, seq.req.driver
         seq.steps += 1
-        seq.work[f"{driver}_tokens"] += step.processed
         piece = Commit(step.sampled_text, (step.sampled_id,), seq.families[driver])
         tokens, alpha, source, eos = 1, None, driver, step.sampled_text == EOS_TEXT
         if kind == "value" and seq.id in values:
@@ -367,11 +390,19 @@ class Engine:
         results = {}
         for key, out in zip(keys, outs, strict=True):
             if isinstance(out, BaseException):
-                for seq in calls[key][1][0]:
-                    seq.finish("error", error=f"{key.split('/')[0]} worker failed: {out}")
+                self._failed(key.split("/")[0], calls[key][1][0], out)
                 continue
             results[key] = out
         return results
+
+    def _failed(self, role: str, seqs: list[Sequence], exc: BaseException) -> None:
+        """A worker call failed: replay its requests if the worker restarted, else fail them."""
+        for seq in seqs:
+            if self.workers[role].unavailable(exc) and seq.recoveries < MAX_RECOVERIES:
+                seq.recoveries += 1
+                seq.lost.add(role)
+            else:
+                seq.finish("error", error=f"{role} worker failed: {exc}")
 
     async def _call(self, role: str, method: str, *args: Any) -> Any:
         start = time.perf_counter()

@@ -71,6 +71,8 @@ class Sequence:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)  # for time to first token
+    lost: set[str] = field(default_factory=set)  # roles whose worker lost this request's state
+    recoveries: int = 0
 
     @property
     def id(self) -> str:

@@ -135,7 +135,117 @@ def core_suite(runs: int, tokens: int) -> list[dict]:
     ]
 
 
-SUITES: dict[str, Callable[[int, int], list[dict]]] = {"core": core_suite}
+# ----------------------------------------------------------------------------- serve
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gateway:
+    """`junction serve` in a subprocess (real uvicorn, real Ray actors), base model only."""
+
+    def __init__(self, workdir: Path) -> None:
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "bench.yaml"
+        config.write_text("value: null\nlimits: {max_concurrency: 64}\n")
+        self.log = open(workdir / "gateway.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port),
+             "--config", str(config)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the gateway exited; see gateway.log")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the gateway did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+async def stream_one(client, url: str, prompt: str, tokens: int) -> int:
+    """One streaming client: POST /v1/generate_stream, read events until the summary."""
+    body = {"prompt": prompt, "max_tokens": tokens, "policy": "base", "temperature": 0}
+    completion = 0
+    async with client.stream("POST", f"{url}/v1/generate_stream", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and '"usage"' in line:
+                completion = json.loads(line[5:])["usage"]["completion_tokens"]
+    return completion
+
+
+async def clients_tps(url: str, prompts: list[str], tokens: int, concurrent: bool) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        if concurrent:
+            counts = await asyncio.gather(*(stream_one(client, url, p, tokens) for p in prompts))
+        else:
+            counts = [await stream_one(client, url, p, tokens) for p in prompts]
+        return sum(counts) / (time.perf_counter() - start)
+
+
+def serve_suite(runs: int, tokens: int) -> list[dict]:
+    import tempfile
+
+    loaded = load_model("base", ModelSpec())
+    runner = LMRunner(loaded, "base", chat=False)
+    gateway = Gateway(Path(tempfile.mkdtemp(prefix="junction-bench-")))
+    vs_local, concurrency = [], []
+    try:
+        gateway.wait_ready()
+        asyncio.run(clients_tps(gateway.url, PROMPTS[:1], 4, concurrent=False))  # warm-up
+
+        async def local() -> float:
+            engine = Engine({"base": LocalHandle(runner)}, Limits(max_concurrency=64))
+            await engine.start()
+            try:
+                return await engine_tps(engine, PROMPTS[:4], tokens, concurrent=False)
+            finally:
+                await engine.close()
+
+        for i in range(runs):
+            in_process = asyncio.run(local())
+            single = asyncio.run(clients_tps(gateway.url, PROMPTS[:4], tokens, concurrent=False))
+            eight = asyncio.run(clients_tps(gateway.url, PROMPTS[:8], tokens, concurrent=True))
+            print(f"  run {i + 1}: in-process {in_process:.1f} tok/s, gateway {single:.1f} "
+                  f"tok/s, 8 clients {eight:.1f} tok/s", file=sys.stderr)
+            vs_local.append(single / in_process)
+            concurrency.append(eight / single)
+    finally:
+        gateway.stop()
+    return [
+        summarize("serve: gateway+Ray single stream ÷ in-process loop", vs_local, 0.9),
+        summarize("serve: 8 concurrent streaming clients ÷ one client", concurrency, 3.0),
+    ]
+
+
+SUITES: dict[str, Callable[[int, int], list[dict]]] = {"core": core_suite, "serve": serve_suite}
 
 
 def main() -> None:

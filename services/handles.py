@@ -6,8 +6,16 @@ import asyncio
 from typing import Any, Protocol
 
 
+class WorkerRestarted(Exception):
+    """A worker lost its sequences (its process died and came back, or is coming back)."""
+
+
 class Handle(Protocol):
     async def call(self, method: str, *args: Any) -> Any: ...
+
+    def unavailable(self, exc: BaseException) -> bool:
+        """Did this call fail because the worker lost its state? Then the request can replay."""
+        ...
 
 
 class LocalHandle:
@@ -21,6 +29,9 @@ class LocalHandle:
         async with self._lock:
             return await asyncio.to_thread(getattr(self.runner, method), *args)
 
+    def unavailable(self, exc: BaseException) -> bool:
+        return isinstance(exc, WorkerRestarted)
+
 
 class RayHandle:
     """Calls the same methods on a Ray actor that wraps a runner."""
@@ -30,3 +41,8 @@ class RayHandle:
 
     async def call(self, method: str, *args: Any) -> Any:
         return await getattr(self.actor, method).remote(*args)
+
+    def unavailable(self, exc: BaseException) -> bool:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        return isinstance(exc, RayActorError | ActorUnavailableError | WorkerRestarted)

@@ -9,7 +9,7 @@ import torch
 
 from gateway.engine import Engine, EngineOverloaded
 from gateway.sequence import GenerationRequest
-from services.handles import LocalHandle
+from services.handles import LocalHandle, WorkerRestarted
 from services.lm_runner import LMRunner
 from services.value_runner import ValueRunner
 from shared.bridge import TokenText
@@ -250,3 +250,45 @@ def test_commits_carry_family_so_shared_tokenizers_exchange_ids(workers):
     base = workers["base"]
     assert Commit("x", (1,), base.family).family == workers["value"].family
     assert workers["guidance"].family != base.family
+
+
+class RestartingRunner:
+    """A real runner whose process 'dies' once: at its Nth call of `method` it loses every
+    sequence it held (as a restarted actor does) and the call fails as a restarted one would."""
+
+    def __init__(self, runner, method: str, at_call: int) -> None:
+        self.runner, self.method, self.at_call, self.calls = runner, method, at_call, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.runner, name)
+        if name != self.method:
+            return attr
+
+        def call(*args):
+            self.calls += 1
+            if self.calls == self.at_call:
+                self.runner.seqs.clear()
+                self.runner.batch = None
+                raise WorkerRestarted("worker restarted")
+            return attr(*args)
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("policy", "role", "method"),
+    [("base", "base", "step"), ("blendin", "guidance", "step"), ("dense", "value", "score")],
+)
+def test_a_restarted_worker_replays_the_request_and_nothing_is_lost(workers, policy, role, method):
+    options = {"tau": 1.0} if policy == "blendin" else {"value_temperature": 0.0}
+    if policy == "base":
+        options = {}
+    (clean,) = run(workers, request(policy, max_tokens=10, **options))
+    workers[role] = RestartingRunner(workers[role], method, at_call=4)
+    (result,) = run(workers, request(policy, max_tokens=10, **options))
+    assert workers[role].calls > 4  # it failed once, then served the replayed request
+    assert result.finish_reason == "length"
+    assert result.text == clean.text
+    assert (result.steps, result.interventions) == (clean.steps, clean.interventions)
+    # the replay re-ran the text on the restarted worker: visible as extra work
+    assert result.work[f"{role}_tokens"] > clean.work[f"{role}_tokens"]
