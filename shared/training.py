@@ -37,7 +37,7 @@ class Trajectory:
     response: str
     reward: float
     row: int = -1  # the prompt's data row
-    sample: int = 0  # which sample of that prompt
+    seed: int = 0  # the sampling seed of the response
     finish_reason: str = ""
 
 
