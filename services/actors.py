@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import ray
+import torch
 
 from services.factory import build_runner
 from services.handles import RayHandle
@@ -36,6 +37,10 @@ class _Worker:
     role = ""
 
     def __init__(self, config: JunctionConfig) -> None:
+        # Ray pins an actor to OMP_NUM_THREADS = num_cpus (1 by default), which would halve a
+        # CPU model's speed; the roles take turns within a tick, so each may use every core.
+        threads = configured_roles(config)[self.role].threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
         self.runner = build_runner(self.role, config, progress=False)
 
     def info(self) -> Any:

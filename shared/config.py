@@ -79,6 +79,7 @@ class ModelSpec:
     dtype: str = "float32"
     num_gpus: float = 0.0  # Ray resources for this role's actor
     num_cpus: float = 1.0
+    threads: int = 0  # torch CPU threads in this role's worker; 0 = all cores of its node
 
 
 @dataclass(slots=True)
