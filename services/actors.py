@@ -99,6 +99,8 @@ def connect_ray(config: JunctionConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):  # e.g. ray://head:10001 (Ray Client) or head:6379
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
+    # Ray nices its workers by default; here they are the service, not background work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Logical CPUs: every actor must fit even on a machine with fewer cores than roles.
     wanted = math.ceil(sum(spec.num_cpus for spec in configured_roles(config).values()))
     ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False)
