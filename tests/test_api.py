@@ -186,6 +186,35 @@ def test_metrics_exact_path_counts_routes(client: httpx.Client, server: Server) 
     assert metric(server.url, "junction_requests_total", route="/health", status="200") >= 1
 
 
+def test_metrics_move_by_exactly_what_the_responses_report(client: httpx.Client, server: Server):
+    policies = [
+        {"policy": "blendin", "tau": 0.6, "k": 20},
+        {"policy": "sia", "entropy_threshold": 1.0, "k": 4},
+        {"policy": "nudging", "tau": 0.6},
+        {"policy": "base"},
+    ]
+
+    def counters(policy: str) -> tuple[float, float]:
+        steps = metric(server.url, "junction_decode_steps_total", policy=policy)
+        kinds = ("value", "guidance")
+        junctions = sum(
+            metric(server.url, "junction_interventions_total", policy=policy, kind=k)
+            for k in kinds
+        )
+        return steps, junctions
+
+    before = {p["policy"]: counters(p["policy"]) for p in policies}
+    reported = {p["policy"]: [0, 0] for p in policies}
+    for options in policies * 2:
+        body = {"prompt": PROMPT, "max_tokens": 7, "seed": 1, **options}
+        summary = client.post("/v1/generate", json=body).json()["junction"]
+        reported[options["policy"]][0] += summary["steps"]
+        reported[options["policy"]][1] += summary["interventions"]
+    for name, (steps, junctions) in reported.items():
+        after = counters(name)
+        assert (after[0] - before[name][0], after[1] - before[name][1]) == (steps, junctions)
+
+
 def test_loading_then_ready(tiny_config: JunctionConfig) -> None:
     gate = threading.Event()
 

@@ -143,3 +143,25 @@ def test_a_killed_actor_is_restarted(client: httpx.Client, server: Server) -> No
     # While it restarts: 503 (at admission) or 500 (a step that met the dying process).
     assert set(statuses) <= {200, 500, 503}
     assert live(server.url)["workers"]["guidance"] == 0
+
+
+def test_a_request_survives_its_base_actor_dying_mid_stream(
+    client: httpx.Client, server: Server
+) -> None:
+    """Nothing is lost: the engine replays the request onto the restarted actor."""
+    body = {"prompt": PROMPT, "max_tokens": 12, "policy": "base"}
+    expected = client.post("/v1/generate", json=body).json()["text"]
+    actor = server.app.state.gateway.workers["base"].actor
+    texts, summary = [], None
+    with client.stream("POST", "/v1/generate_stream", json=body) as response:
+        for name, data in sse(response):
+            if name == "token":
+                texts.append(json.loads(data)["text"])
+                if len(texts) == 3:
+                    ray.kill(actor, no_restart=False)  # the process dies; Ray restarts it
+            elif name == "summary":
+                summary = json.loads(data)
+            else:
+                raise AssertionError(f"unexpected {name} event: {data}")
+    assert summary is not None and summary["finish_reason"] == "length"
+    assert "".join(texts) == summary["text"] == expected
