@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.best_of import ValueScorer, best_of_n
 from gateway.engine import Engine, EngineOverloaded
 from gateway.metrics import Metrics
 from gateway.openai_api import Reply, stream_events
@@ -237,7 +238,36 @@ def check_n(body: OpenAIBody, max_n: int) -> None:
     if body.n > max_n:
         raise ApiError(400, f"n: at most {max_n}", "n")
     if body.n > 1:
-        raise ApiError(400, "n: only n=1 is served yet (Best-of-N comes separately)", "n")
+        raise ApiError(400, "n: one choice per request; use best_of for Best-of-N", "n")
+
+
+def best_of_requested(body: GenerateBody | OpenAIBody, max_n: int, stream: bool) -> int:
+    """N for Best-of-N (1 = a plain request), checked against the limit."""
+    n = body.best_of or 1
+    if n > max_n:
+        raise ApiError(400, f"best_of: at most {max_n}", "best_of")
+    if n > 1 and stream:
+        raise ApiError(400, "best_of: the best is known only at the end; not with stream",
+                       "best_of")
+    return n
+
+
+async def best_result(engine: Engine, body: GenerateBody | OpenAIBody, n: int):
+    """N sampled completions through the engine, the best by the value model."""
+    req = body.generation_request(engine.limits.max_tokens)
+    try:
+        best, _ = await best_of_n(engine, req, n, ValueScorer())
+    except EngineOverloaded as exc:
+        retry = {"Retry-After": str(exc.retry_after)}
+        raise ApiError(429, str(exc), kind="rate_limit_error", headers=retry) from exc
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("best-of-N by value") or message.startswith("n:"):
+            raise ApiError(400, f"best_of: {message.removeprefix('n: ')}", "best_of") from exc
+        raise bad_request(exc) from exc
+    if best.finish_reason == "error":
+        raise ApiError(500, "every best-of-N completion failed", kind="server_error")
+    return best
 
 
 # --------------------------------------------------------------------- the app
@@ -312,12 +342,16 @@ def _native_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request) -> dict:
         engine = gateway.ready_engine()
+        n = best_of_requested(body, gateway.config.limits.max_n, stream=False)
+        if n > 1:
+            return (await best_result(engine, body, n)).to_json()
         seq = await admit(engine, body)
         return (await result_of(request, engine, seq)).to_json()
 
     @app.post("/v1/generate_stream")
     async def generate_stream(body: GenerateBody) -> EventSourceResponse:
         engine = gateway.ready_engine()
+        best_of_requested(body, gateway.config.limits.max_n, stream=True)
         seq = await admit(engine, body)
         return EventSourceResponse(cancel_when_closed(engine, seq, native_events(engine, seq)))
 
@@ -326,9 +360,13 @@ def _openai_routes(app: FastAPI, gateway: Gateway) -> None:
     async def complete(body: CompletionBody | ChatCompletionBody, request: Request) -> Any:
         engine = gateway.ready_engine()
         check_n(body, gateway.config.limits.max_n)
+        chat = isinstance(body, ChatCompletionBody)
+        n = best_of_requested(body, gateway.config.limits.max_n, stream=body.stream)
+        if n > 1:
+            best = await best_result(engine, body, n)
+            return Reply(chat=chat, model=body.model or engine.infos["base"].name).response(best)
         seq = await admit(engine, body)
-        reply = Reply(chat=isinstance(body, ChatCompletionBody),
-                      model=body.model or gateway.model_name(seq.req))
+        reply = Reply(chat=chat, model=body.model or gateway.model_name(seq.req))
         if body.stream:
             events = stream_events(reply, engine.stream(seq), seq, body.include_usage)
             return EventSourceResponse(cancel_when_closed(engine, seq, events))

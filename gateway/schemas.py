@@ -47,6 +47,9 @@ class SamplingOptions(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    best_of: int | None = Field(
+        None, ge=1, description="Best-of-N: sample N completions, return the best by value."
+    )
 
     def sampling_params(self, cap: int, max_tokens: int | None = None) -> SamplingParams:
         """Unset max_tokens: the default, but never more than the gateway's limit `cap`."""

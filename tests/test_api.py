@@ -495,3 +495,49 @@ def test_failure_without_stream_is_500(limited: Server) -> None:
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
     assert "guidance worker failed" in response.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------- best-of-N
+def test_best_of_runs_n_samples_and_returns_the_best_with_summed_counters(
+    client: httpx.Client,
+) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3}
+    single = client.post("/v1/generate", json=body).json()
+    response = client.post("/v1/generate", json={**body, "best_of": 2})
+    assert response.status_code == 200, response.text
+    best = response.json()
+    assert best["finish_reason"] == "length"
+    assert best["junction"]["steps"] == 2 * 6  # the counters add up both runs
+    assert best["junction"]["work"]["base_tokens"] == 2 * single["junction"]["work"]["base_tokens"]
+    assert best["junction"]["work"]["value_tokens"] > 0  # the value model scored them
+    samples = [
+        client.post("/v1/generate", json={**body, "seed": 3 + i}).json()["text"] for i in range(2)
+    ]
+    assert best["text"] in samples
+
+
+def test_best_of_through_the_openai_client(oai: openai.OpenAI) -> None:
+    reply = oai.completions.create(
+        model="junction", prompt=PROMPT, max_tokens=5, temperature=1.0, best_of=2, seed=1
+    )
+    assert reply.choices[0].text
+    chat = oai.chat.completions.create(
+        model="junction", messages=[{"role": "user", "content": PROMPT}], max_tokens=5,
+        temperature=1.0, extra_body={"best_of": 2},
+    )
+    assert chat.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "field"),
+    [
+        ("/v1/generate", {"best_of": 99, "temperature": 1.0}, 400, "best_of"),
+        ("/v1/generate", {"best_of": 2}, 400, "best_of"),  # greedy: N equal completions
+        ("/v1/generate_stream", {"best_of": 2, "temperature": 1.0}, 400, "best_of"),
+        ("/v1/generate", {"best_of": 0}, 422, "best_of"),
+    ],
+)
+def test_best_of_bad_input_names_the_field(client, route, body, status, field) -> None:
+    response = client.post(route, json={"prompt": PROMPT, "max_tokens": 4, **body})
+    assert response.status_code == status, response.text
+    assert field in json.dumps(response.json())
