@@ -245,7 +245,53 @@ def serve_suite(runs: int, tokens: int) -> list[dict]:
     ]
 
 
-SUITES: dict[str, Callable[[int, int], list[dict]]] = {"core": core_suite, "serve": serve_suite}
+# ----------------------------------------------------------------------------- sia
+def sia_suite(runs: int, tokens: int) -> list[dict]:
+    """SIA at target_ratio 0.2 against dense (a value call at every step), same prompts."""
+    from services.value_runner import ValueRunner
+
+    runner = LMRunner(load_model("base", ModelSpec()), "base", chat=False)
+    value = ValueRunner.from_paths(ModelSpec(), None)  # the shipped default value model
+    wall, work, rates = [], [], []
+
+    async def timed(policy: str, **options) -> tuple[float, int, float]:
+        engine = Engine({"base": LocalHandle(runner), "value": LocalHandle(value)})
+        await engine.start()
+        try:
+            start = time.perf_counter()
+            results = [
+                await engine.generate(base_request(p, tokens, policy, **options))
+                for p in PROMPTS[:4]
+            ]
+            elapsed = time.perf_counter() - start
+        finally:
+            await engine.close()
+        steps = sum(r.steps for r in results)
+        return elapsed, sum(r.work["value_tokens"] for r in results), sum(
+            r.interventions for r in results
+        ) / steps
+
+    for i in range(runs):
+        sparse = asyncio.run(timed("sia", target_ratio=0.2))
+        dense = asyncio.run(timed("dense"))
+        print(f"  run {i + 1}: sia@0.2 {sparse[0]:.1f}s ({sparse[2]:.0%} junctions, "
+              f"{sparse[1]} value tokens), dense {dense[0]:.1f}s ({dense[1]} value tokens)",
+              file=sys.stderr)
+        wall.append(sparse[0] / dense[0])
+        work.append(sparse[1] / dense[1])
+        rates.append(sparse[2])
+    return [
+        summarize("sia: wall time, sia@target_ratio 0.2 ÷ dense", wall),
+        summarize("sia: value-model tokens, sia@0.2 ÷ dense", work),
+        summarize("sia: intervention rate at target_ratio 0.2", rates),
+    ]
+
+
+SUITES: dict[str, Callable[[int, int], list[dict]]] = {
+    "core": core_suite,
+    "serve": serve_suite,
+    "sia": sia_suite,
+}
 
 
 def main() -> None:
