@@ -515,6 +515,52 @@ def k8s_config() -> JunctionConfig:
     return junction_config(load_yaml(K8S / entry.split("=")[-1]))
 
 
+def env_file_keys(path: Path) -> set[str]:
+    """The keys a kustomize env file (KEY=VALUE lines, # comments) defines."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+
+
+def ray_auth_containers() -> dict[str, dict]:
+    """Every container that joins the Ray cluster: the head, each worker group, the gateway."""
+    spec = raycluster()["spec"]
+    containers = {"ray-head": spec["headGroupSpec"]["template"]["spec"]["containers"][0]}
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        containers[f"worker group {group['groupName']}"] = pod["containers"][0]
+    containers["gateway"] = gateway_container()
+    return containers
+
+
+def k8s_auth_problems(containers: dict[str, dict], generators: list[dict]) -> list[str]:
+    """What keeps the Ray containers from sharing one token from the generated Secret."""
+    problems, refs = [], set()
+    for name, container in containers.items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            problems.append(f"{name}: RAY_AUTH_MODE is not token")
+        token = env.get("RAY_AUTH_TOKEN", {})
+        ref = token.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in token or not ref or ref.get("optional"):
+            problems.append(f"{name}: RAY_AUTH_TOKEN does not come from a required Secret key")
+        else:
+            refs.add((ref["name"], ref["key"]))
+    if len(refs) > 1:
+        problems.append(f"the containers read different tokens: {sorted(refs)}")
+    for secret, key in refs:
+        found = [g for g in generators if g["name"] == secret]
+        if not found:
+            problems.append(f"no secretGenerator makes Secret {secret}")
+        for generator in found:
+            # A hashed name would be rewritten in the Deployment but not in the RayCluster.
+            if not generator.get("options", {}).get("disableNameSuffixHash"):
+                problems.append(f"Secret {secret} gets a hashed name")
+            keys = set().union(*(env_file_keys(K8S / f"{e}.example") for e in generator["envs"]))
+            if key not in keys:
+                problems.append(f"{key} is not in the example env file of Secret {secret}")
+    return problems
+
+
 def cli_option(argv: list[str], option: str) -> str:
     assert option in argv, f"{option} missing from {argv}"
     return argv[argv.index(option) + 1]
@@ -529,6 +575,14 @@ def test_kustomization_resources_exist_and_are_well_formed():
     for generator in kustomization()["configMapGenerator"]:
         for entry in generator["files"]:
             assert (K8S / entry.split("=")[-1]).is_file(), entry
+    ignored = {
+        line.strip() for line in (K8S / ".gitignore").read_text().splitlines() if line.strip()
+    }
+    for generator in kustomization()["secretGenerator"]:
+        for entry in generator["envs"]:
+            # The operator creates the env file from its example; it must never be committed.
+            assert (K8S / f"{entry}.example").is_file(), entry
+            assert entry in ignored, f"{entry} is not in k8s/.gitignore"
 
 
 def test_raycluster_matches_kuberay_crd():
@@ -634,13 +688,79 @@ def test_gateway_reads_the_generated_config_and_joins_the_ray_head():
     assert int(m.group(2)) == head_ports["client"]
 
 
+def test_k8s_ray_nodes_and_gateway_share_one_auth_token():
+    containers = ray_auth_containers()
+    assert len(containers) >= 3  # head, a worker group, the gateway
+    assert k8s_auth_problems(containers, kustomization()["secretGenerator"]) == []
+
+
+def drop_env(container: dict, name: str) -> None:
+    container["env"] = [e for e in container["env"] if e["name"] != name]
+
+
+def set_env(container: dict, name: str, entry: dict) -> None:
+    drop_env(container, name)
+    container["env"].append({"name": name, **entry})
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c, g: drop_env(c["ray-head"], "RAY_AUTH_TOKEN"),
+        lambda c, g: drop_env(c["gateway"], "RAY_AUTH_MODE"),
+        lambda c, g: set_env(c["worker group gpu"], "RAY_AUTH_MODE", {"value": "disabled"}),
+        lambda c, g: set_env(c["gateway"], "RAY_AUTH_TOKEN", {"value": "hard-coded"}),
+        lambda c, g: set_env(
+            c["worker group gpu"],
+            "RAY_AUTH_TOKEN",
+            {"valueFrom": {"secretKeyRef": {"name": "other-secret", "key": "RAY_AUTH_TOKEN"}}},
+        ),
+        lambda c, g: g[0].pop("options"),
+    ],
+    ids=[
+        "head without token",
+        "gateway without mode",
+        "worker auth disabled",
+        "token in the manifest",
+        "worker reads another Secret",
+        "hashed Secret name",
+    ],
+)
+def test_auth_check_catches_broken_manifests(mutate):
+    containers = json.loads(json.dumps(ray_auth_containers()))
+    generators = json.loads(json.dumps(kustomization()["secretGenerator"]))
+    mutate(containers, generators)
+    assert k8s_auth_problems(containers, generators) != []
+
+
+def secret_key_refs(node) -> list[dict]:
+    if isinstance(node, dict):
+        return ([node["secretKeyRef"]] if "secretKeyRef" in node else []) + [
+            ref for value in node.values() for ref in secret_key_refs(value)
+        ]
+    if isinstance(node, list):
+        return [ref for item in node for ref in secret_key_refs(item)]
+    return []
+
+
 def test_kustomize_build(tmp_path):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not on PATH")
-    built = list(yaml.safe_load_all(run_tool(kubectl, "kustomize", str(K8S))))
+    # Build a copy, with the env files the operator would create made from their examples.
+    k8s = shutil.copytree(K8S, tmp_path / "k8s")
+    for generator in kustomization()["secretGenerator"]:
+        for entry in generator["envs"]:
+            shutil.copyfile(K8S / f"{entry}.example", k8s / entry)
+    built = list(yaml.safe_load_all(run_tool(kubectl, "kustomize", str(k8s))))
     kinds = sorted(o["kind"] for o in built)
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "RayCluster", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "RayCluster", "Secret", "Service"]
+    [secret] = [o for o in built if o["kind"] == "Secret"]
+    refs = [ref for o in built for ref in secret_key_refs(o)]
+    assert len(refs) == len(ray_auth_containers())  # the RayCluster's refs were built too
+    assert {(r["name"], r["key"]) for r in refs} == {
+        (secret["metadata"]["name"], key) for key in secret["data"]
+    }
     [config_map] = [o for o in built if o["kind"] == "ConfigMap"]
     [deployment] = [o for o in built if o["kind"] == "Deployment"]
     names = [
@@ -750,6 +870,73 @@ def test_compose_gateway_joins_the_ray_head():
         if argv[:2] == ["ray", "start"] and "--head" not in argv:
             address = next(a.split("=", 1)[1] for a in argv if a.startswith("--address="))
             assert address == f"{m.group(1)}:{options['--port']}", name
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {name: str(value) for name, value in environment.items()}
+
+
+def compose_ray_services(services: dict) -> list[str]:
+    """The Ray nodes (`ray start`) and the Ray clients (RAY_ADDRESS, the gateway)."""
+    return [
+        name
+        for name, service in services.items()
+        if compose_argv(service)[:2] == ["ray", "start"] or "RAY_ADDRESS" in compose_env(service)
+    ]
+
+
+def compose_auth_problems(services: dict) -> list[str]:
+    """What keeps the Ray processes and the gateway from sharing one required token."""
+    problems, tokens = [], set()
+    for name in compose_ray_services(services):
+        env = compose_env(services[name])
+        if env.get("RAY_AUTH_MODE") != "token":
+            problems.append(f"{name}: RAY_AUTH_MODE is not token")
+        token = env.get("RAY_AUTH_TOKEN", "")
+        # ${VAR:?message}: compose stops with the message when VAR is unset or empty.
+        if not re.fullmatch(r"\$\{\w+:\?[^}]+\}", token):
+            problems.append(f"{name}: RAY_AUTH_TOKEN is not a required variable: {token!r}")
+        tokens.add(token)
+    if len(tokens) > 1:
+        problems.append(f"the services read different tokens: {sorted(tokens)}")
+    return problems
+
+
+def test_compose_ray_nodes_and_gateway_share_one_auth_token():
+    services = compose()["services"]
+    assert set(compose_ray_services(services)) == {
+        "ray-head",
+        "ray-worker",
+        "ray-worker-gpu",
+        "gateway",
+    }
+    assert compose_auth_problems(services) == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s["gateway"]["environment"].pop("RAY_AUTH_TOKEN"),
+        lambda s: s["ray-worker-gpu"].update(environment={"JUNCTION_CACHE": "/cache"}),
+        lambda s: s["ray-head"]["environment"].update(RAY_AUTH_MODE="disabled"),
+        lambda s: s["ray-worker"]["environment"].update(RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-dev}"),
+        lambda s: s["gateway"]["environment"].update(RAY_AUTH_TOKEN="${OTHER_TOKEN:?set it}"),
+    ],
+    ids=[
+        "gateway without token",
+        "worker without auth",
+        "head auth disabled",
+        "token with a default",
+        "another variable",
+    ],
+)
+def test_compose_auth_check_catches_broken_files(mutate):
+    services = json.loads(json.dumps(compose()["services"]))
+    mutate(services)
+    assert compose_auth_problems(services) != []
 
 
 def test_compose_gpu_variant_reserves_one_gpu_per_role():
