@@ -22,7 +22,7 @@ from services.handles import LocalHandle
 from shared.config import POLICIES, ModelSpec, PolicyConfig, SamplingParams, load_config
 from shared.datasets import Example, load_split
 from shared.models import load_model, resolve_device
-from shared.rewards import RewardSource, reward_from_spec
+from shared.rewards import ReferenceReward, RewardSource, reward_from_spec
 from shared.training import (
     CHECKPOINT_FILE,
     TRAJECTORY_FILE,
@@ -233,6 +233,37 @@ def _sample_trajectories(
     ]
 
 
+def _examples(data: Path, split: str, limit: int | None, source: RewardSource) -> list[Example]:
+    """The split's prompts, checked before any sampling: present, and with references
+    when the reward needs them."""
+    examples = load_split(data, split, limit)
+    if not examples:
+        raise ValueError(f"{data}: no prompts in the {split} split")
+    if isinstance(source, ReferenceReward) and any(e.refs is None for e in examples):
+        raise ValueError(f"{data.name}: the reference reward needs prompts with references "
+                         "(TruthfulQA, GSM8K); pass another --reward")
+    return examples
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """An equivalent command line: the command and each option not at its default."""
+    parts = ["junction", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value, flag = ctx.params.get(param.name), max(param.opts, key=len)
+        default = param.default
+        if isinstance(value, tuple | list):
+            value, default = list(value), list(default or [])
+        if value is None or value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else param.secondary_opts[0])
+        elif isinstance(value, list):
+            parts += [item for v in value for item in (flag, str(v))]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(2)
@@ -240,6 +271,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command("train-value")
 def train_value(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Prompts: TruthfulQA CSV, GSM8K jsonl, "
                               "XSTest/AdvBench CSV, jsonl with 'prompt', or one per line."),
     out: Path = typer.Option(..., "--out", help="Directory for the value model."),
@@ -256,8 +288,9 @@ def train_value(
                                    "default a newline, '' for none)."),
     epochs: int = typer.Option(2, min=1),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    lr: float = typer.Option(5e-4, help="Learning rate of the LoRA weights."),
-    head_lr: float = typer.Option(1e-3, "--head-lr", help="Learning rate of the value head."),
+    lr: float = typer.Option(3e-4, help="Learning rate of the LoRA weights."),
+    head_lr: float = typer.Option(3e-5, "--head-lr", help="Learning rate of the value head "
+                                  "(small: Gemma 3's final hidden states have norms near 100)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of prompts held out."),
     seed: int = typer.Option(0),
     lora_r: int = typer.Option(16, "--lora-r", min=1),
@@ -289,9 +322,7 @@ def train_value(
         if resume and cached.is_file():
             trajectories = load_trajectories(cached)
         else:
-            examples = load_split(data, split, limit)
-            if not examples:
-                raise ValueError(f"{data}: no prompts in the {split} split")
+            examples = _examples(data, split, limit, source)
             sampling = SamplingParams(max_tokens, temperature, top_p, seed, [s for s in stop if s])
             policy_cfg = PolicyConfig(policy=policy)
             trajectories = _sample_trajectories(
@@ -316,7 +347,7 @@ def train_value(
     }
     meta = {
         "backbone": cfg.base.source,
-        "command": "junction " + shlex.join(sys.argv[1:]),
+        "command": _command_line(ctx),
         "data": {"file": data.name, "split": split, "limit": limit, "samples": samples,
                  "prompts": len({t.prompt for t in trajectories}),
                  "trajectories": len(trajectories), "train": len(train), "val": len(val)},
@@ -379,6 +410,7 @@ def _plot(rows: list[dict], path: Path, reward_name: str) -> None:
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Prompts file (as for train-value)."),
     split: str = typer.Option("eval", help="Rows: eval (odd), train (even) or all."),
     limit: int | None = typer.Option(24, min=1, help="The first N prompts of the split."),
@@ -407,9 +439,7 @@ def evaluate(
         cfg.value = replace(cfg.value or ModelSpec(), device=device,
                             **({"source": value} if value else {}))
         source = reward_from_spec(reward, device=str(resolve_device(device)))
-        examples = load_split(data, split, limit)
-        if not examples:
-            raise ValueError(f"{data}: no prompts in the {split} split")
+        examples = _examples(data, split, limit, source)
         sampling = SamplingParams(max_tokens, temperature, 1.0, seed, [s for s in stop if s])
         sia = {"beta": beta, "value_temperature": value_temperature}
         policies = {"base": PolicyConfig("base")}
@@ -428,7 +458,7 @@ def evaluate(
         rewards = _rewards(source, groups[name], refs, results, desc=f"reward {name}")
         rows.append(_summary(name, rewards, results, seconds))
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "junction " + shlex.join(sys.argv[1:]), "reward": source.name,
+    record = {"command": _command_line(ctx), "reward": source.name,
               "data": {"file": data.name, "split": split, "prompts": len(examples)},
               "rows": rows}
     (out / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -52,8 +52,8 @@ class Encoded:
 class TrainSettings:
     epochs: int = 2
     batch_size: int = 8
-    lr: float = 5e-4
-    head_lr: float = 1e-3
+    lr: float = 3e-4  # LoRA weights
+    head_lr: float = 3e-5  # the head reads hidden states with norms near 100 (Gemma 3)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     val_fraction: float = 0.2

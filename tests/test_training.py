@@ -274,10 +274,13 @@ def rewards_of(base: Path, adapter: Path, policy: PolicyConfig, prompts: list[st
     return [MarkerReward(MARKER).score(p, r.text) for p, r in zip(prompts, results, strict=True)]
 
 
-def test_train_value_learns_the_marker_and_sia_steers_to_it(tmp_path: Path) -> None:
-    base = marker_loving_base(tmp_path / "base")
-    data = corpus_prompts(tmp_path / "prompts.txt", 60)
-    out = tmp_path / "value"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`junction train-value` on the marker task: the tiny base, its prompts, the value model."""
+    tmp = tmp_path_factory.mktemp("marker")
+    base = marker_loving_base(tmp / "base")
+    data = corpus_prompts(tmp / "prompts.txt", 60)
+    out = tmp / "value"
     args = [
         "train-value", "--data", str(data), "--split", "all", "--out", str(out),
         "--base", str(base), "--reward", f"marker:{MARKER}", "--samples", "4",
@@ -286,16 +289,58 @@ def test_train_value_learns_the_marker_and_sia_steers_to_it(tmp_path: Path) -> N
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    return {"base": base, "data": data, "value": out}
+
+
+def test_train_value_learns_the_marker_reward(trained: dict[str, Path]) -> None:
+    out = trained["value"]
     meta = json.loads((out / "junction_value.json").read_text())
     losses = meta["losses"]
     assert losses["val_loss"] < 0.5 * losses["constant_val_loss"], losses
     assert meta["data"]["trajectories"] == 240 and meta["reward"] == f"marker:{MARKER}"
+    command = meta["command"]
+    assert command.startswith("junction train-value --data ") and "--samples 4" in command
+    assert "--stop ''" in command and "--resume" not in command and "--split all" in command
     assert not (out / "checkpoint.pt").exists() and (out / "trajectories.jsonl").is_file()
 
+
+def test_sia_with_the_trained_value_model_raises_the_reward(trained: dict[str, Path]) -> None:
+    base, value = trained["base"], trained["value"]
     prompts = [f"{w} and" for w in CORPUS.split()[100:124]]  # prompts not trained on
-    base_rewards = rewards_of(base, out, PolicyConfig("base"), prompts)
+    base_rewards = rewards_of(base, value, PolicyConfig("base"), prompts)
     sia = PolicyConfig("sia", entropy_threshold=0.0, beta=5.0, value_temperature=0.0)
-    sia_rewards = rewards_of(base, out, sia, prompts)
+    sia_rewards = rewards_of(base, value, sia, prompts)
     base_mean = sum(base_rewards) / len(prompts)
     sia_mean = sum(sia_rewards) / len(prompts)
     assert sia_mean > base_mean + 2.0, (base_mean, sia_mean)
+
+
+def test_evaluate_reports_policies_side_by_side(trained: dict[str, Path], tmp_path: Path):
+    args = [
+        "evaluate", "--data", str(trained["data"]), "--split", "eval", "--limit", "6",
+        "--reward", f"marker:{MARKER}", "--base", str(trained["base"]),
+        "--value", str(trained["value"]), "--max-tokens", "10", "--stop", "",
+        "--device", "cpu", "--beta", "5", "--out", str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "evaluation.json").read_text())
+    rows = {row["policy"]: row for row in record["rows"]}
+    assert list(rows) == ["base", "sia@0.2", "dense"]
+    assert rows["base"]["intervention_rate"] == 0.0 and rows["base"]["value_tokens"] == 0
+    assert rows["sia@0.2"]["intervention_rate"] == pytest.approx(0.2, abs=0.05)
+    # Dense consults V at every step but those inside an unfinished UTF-8 character (a random
+    # tiny model writes stray byte tokens); SIA's share is counted over all steps.
+    assert rows["dense"]["intervention_rate"] > 0.75
+    assert 0 < rows["sia@0.2"]["value_tokens"] < rows["dense"]["value_tokens"]
+    assert rows["dense"]["reward"] > rows["base"]["reward"]
+    assert all(row["requests"] == 6 for row in rows.values())
+    assert (tmp_path / "evaluation.png").stat().st_size > 1000
+    assert "| sia@0.2 |" in result.stdout
+
+
+def test_reference_reward_needs_a_data_set_with_references(tmp_path: Path) -> None:
+    args = ["train-value", "--data", str(DATA / "xstest_dev.csv"), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "references" in result.output
+    assert not (tmp_path / "trajectories.jsonl").exists()
