@@ -1,4 +1,4 @@
-"""The `junction` command: generate with any policy, serve the gateway, train a value model."""
+"""The `junction` command: generate (any policy, Best-of-N), serve, train-value, evaluate."""
 
 from __future__ import annotations
 
@@ -264,6 +264,12 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
+def _override(spec: ModelSpec, source: str | None, device: str | None) -> ModelSpec:
+    """A role's spec with the command line's source and device, where given."""
+    changes = {"source": source, "device": device}
+    return replace(spec, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(2)
@@ -298,7 +304,8 @@ def train_value(
     lora_dropout: float = typer.Option(0.1, "--lora-dropout"),
     adapter_dtype: str = typer.Option("float32", "--adapter-dtype",
                                       help="Store the adapter as float32 or float16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: "
+                                      "the config's base device, else auto)."),
     base: str | None = typer.Option(None, "--base", help="Backbone (and sampler): HF id or path."),
     value: str | None = typer.Option(None, "--value", help="Value adapter for a sia/dense "
                                      "sampling policy."),
@@ -311,12 +318,11 @@ def train_value(
         if adapter_dtype not in ("float32", "float16"):
             raise ValueError("adapter-dtype must be float32 or float16")
         cfg = load_config(config)
-        cfg.base = replace(cfg.base, device=device, **({"source": base} if base else {}))
-        if value is not None:
-            cfg.value = replace(cfg.value or ModelSpec(), source=value)
+        cfg.base = _override(cfg.base, base, device)
+        cfg.value = _override(cfg.value or ModelSpec(), value, device)  # a sia/dense sampler's
         settings = TrainSettings(epochs, batch_size, lr, head_lr, 0.0, 1.0, val_fraction, seed)
         lora = LoraSettings(lora_r, lora_alpha, lora_dropout)
-        source = reward_from_spec(reward, device=str(resolve_device(device)))
+        source = reward_from_spec(reward, device=str(resolve_device(cfg.base.device)))
         out.mkdir(parents=True, exist_ok=True)
         cached = out / TRAJECTORY_FILE
         if resume and cached.is_file():
@@ -426,7 +432,8 @@ def evaluate(
     stop: list[str] = typer.Option(["\n"], "--stop", help="Stop string (repeatable; "
                                    "default a newline, '' for none)."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    device: str | None = typer.Option(None, help="Device of base and value (default: the "
+                                      "config's, else auto)."),
     base: str | None = typer.Option(None, "--base", help="Base model: HF id or path."),
     value: str | None = typer.Option(None, "--value", help="Value adapter directory."),
     config: str | None = typer.Option(None, "--config", help="YAML config file."),
@@ -435,10 +442,9 @@ def evaluate(
     """Reward of base, SIA and dense side by side, with intervention rates and value work."""
     try:
         cfg = load_config(config)
-        cfg.base = replace(cfg.base, device=device, **({"source": base} if base else {}))
-        cfg.value = replace(cfg.value or ModelSpec(), device=device,
-                            **({"source": value} if value else {}))
-        source = reward_from_spec(reward, device=str(resolve_device(device)))
+        cfg.base = _override(cfg.base, base, device)
+        cfg.value = _override(cfg.value or ModelSpec(), value, device)
+        source = reward_from_spec(reward, device=str(resolve_device(cfg.base.device)))
         examples = _examples(data, split, limit, source)
         sampling = SamplingParams(max_tokens, temperature, 1.0, seed, [s for s in stop if s])
         sia = {"beta": beta, "value_temperature": value_temperature}
