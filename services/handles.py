@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 
@@ -19,15 +20,19 @@ class Handle(Protocol):
 
 
 class LocalHandle:
-    """Runs a plain runner's methods in a worker thread, one call at a time."""
+    """Runs a plain runner's methods on its own worker thread, one call at a time.
+
+    Always the same thread: OpenMP keeps a thread team per calling thread, so hopping between
+    pool threads would leave idle teams spinning against the working one.
+    """
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
-        self._lock = asyncio.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
     async def call(self, method: str, *args: Any) -> Any:
-        async with self._lock:
-            return await asyncio.to_thread(getattr(self.runner, method), *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, getattr(self.runner, method), *args)
 
     def unavailable(self, exc: BaseException) -> bool:
         return isinstance(exc, WorkerRestarted)

@@ -282,15 +282,20 @@ class LMRunner:
 
     def _summarize(self, logits: torch.Tensor, reqs: list[StepRequest]) -> list[StepResult]:
         """Top-k, entropy, top-1 probability and the runner's own choice, for each row."""
-        k = max(r.k for r in reqs)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        top_logprobs, top_ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+        k = min(max(max(r.k for r in reqs), 2), logits.shape[-1])
+        # Top-k of the raw logits, normalized by one logsumexp: the full-vocabulary
+        # log-softmax is never materialized.
+        top_logits, top_ids = torch.topk(logits, k, dim=-1)
+        top_logprobs = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         results = []
         for row, req in enumerate(reqs):
             seq = self.seqs[req.seq_id]
             ids = top_ids[row, : req.k].tolist()
             lps = top_logprobs[row, : req.k]
-            sampled = self._sample(logits[row], req, seq.generator)
+            if req.temperature == 0 and top_logits[row, 0] > top_logits[row, 1]:
+                sampled = int(top_ids[row, 0])  # a unique maximum: no second pass for argmax
+            else:
+                sampled = self._sample(logits[row], req, seq.generator)
             texts = seq.text.candidate_texts(ids)
             if sampled in ids:
                 sampled_text = texts[ids.index(sampled)]

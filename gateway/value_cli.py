@@ -1,0 +1,355 @@
+"""`junction train-value` and `junction evaluate`: training and evaluating value models.
+
+Both drive the same engine as `junction generate`, over in-process runners: training samples
+trajectories with any policy, scores them with a reward source and fits the value model;
+evaluation puts base, SIA and dense side by side on a held-out split and plots reward
+against intervention rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import typer
+from tqdm import tqdm
+
+from gateway.best_of import generate_many
+from gateway.engine import Engine
+from gateway.local import local_engine
+from gateway.sequence import GenerationRequest
+from shared.config import ModelSpec, PolicyConfig, SamplingParams, load_config
+from shared.datasets import Example, load_split
+from shared.models import load_model, resolve_device
+from shared.rewards import ReferenceReward, RewardSource, reward_from_spec
+from shared.training import (
+    CHECKPOINT_FILE,
+    TRAJECTORY_FILE,
+    TrainSettings,
+    Trajectory,
+    constant_loss,
+    encode,
+    fit,
+    load_trajectories,
+    save_trajectories,
+    split_by_prompt,
+    store_adapter_as,
+)
+from shared.types import GenerationResult
+from shared.value_model import LoraSettings, build_value_model, save_value_model
+
+
+def _requests(
+    examples: list[Example], policy: PolicyConfig, sampling: SamplingParams, samples: int = 1
+) -> list[GenerationRequest]:
+    """One request per (example, sample), each with its own seed: seed, seed + 1, ..."""
+    first = sampling.seed or 0
+    return [
+        GenerationRequest(
+            prompt=ex.prompt,
+            sampling=replace(
+                sampling, seed=first + i * samples + j, stop=list(sampling.stop)
+            ),
+            policy=policy,
+        )
+        for i, ex in enumerate(examples)
+        for j in range(samples)
+    ]
+
+
+def _rewards(
+    source: RewardSource, reqs: list[GenerationRequest], refs: list, results: list, desc: str
+) -> list[float]:
+    return [
+        source.score(req.prompt, res.text, ref)
+        for req, ref, res in tqdm(list(zip(reqs, refs, results, strict=True)), desc=desc)
+    ]
+
+
+async def _generate_all(
+    engine: Engine, groups: dict[str, list[GenerationRequest]]
+) -> dict[str, tuple[list[GenerationResult], float]]:
+    """Each group's results and wall seconds, one group after the other."""
+    await engine.start()
+    try:
+        out = {}
+        for name, reqs in groups.items():
+            start = time.perf_counter()
+            results = await generate_many(engine, reqs, progress=name)
+            out[name] = (results, time.perf_counter() - start)
+        return out
+    finally:
+        await engine.close()
+
+
+def _sample_trajectories(
+    cfg, examples: list[Example], policy: PolicyConfig, sampling: SamplingParams,
+    samples: int, source: RewardSource,
+) -> list[Trajectory]:
+    reqs = _requests(examples, policy, sampling, samples)
+    engine = local_engine(cfg, reqs[0].roles)
+    results, _ = asyncio.run(_generate_all(engine, {"sampling": reqs}))["sampling"]
+    refs = [ex.refs for ex in examples for _ in range(samples)]
+    rewards = _rewards(source, reqs, refs, results, desc=f"reward ({source.name})")
+    rows = [ex.row for ex in examples for _ in range(samples)]
+    return [
+        Trajectory(req.prompt, res.text, r, row, req.sampling.seed or 0, res.finish_reason)
+        for req, res, r, row in zip(reqs, results, rewards, rows, strict=True)
+    ]
+
+
+def _examples(data: Path, split: str, limit: int | None, source: RewardSource) -> list[Example]:
+    """The split's prompts, checked before any sampling: present, and with references
+    when the reward needs them."""
+    examples = load_split(data, split, limit)
+    if not examples:
+        raise ValueError(f"{data}: no prompts in the {split} split")
+    if isinstance(source, ReferenceReward) and any(e.refs is None for e in examples):
+        raise ValueError(f"{data.name}: the reference reward needs prompts with references "
+                         "(TruthfulQA, GSM8K); pass another --reward")
+    return examples
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """An equivalent command line: the command and each option not at its default."""
+    parts = ["junction", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value, flag = ctx.params.get(param.name), max(param.opts, key=len)
+        default = param.default
+        if isinstance(value, tuple | list):
+            value, default = list(value), list(default or [])
+        if value is None or value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else param.secondary_opts[0])
+        elif isinstance(value, list):
+            parts += [item for v in value for item in (flag, str(v))]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _override(spec: ModelSpec, source: str | None, device: str | None) -> ModelSpec:
+    """A role's spec with the command line's source and device, where given."""
+    changes = {"source": source, "device": device}
+    return replace(spec, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def train_value(
+    ctx: typer.Context,
+    data: Path = typer.Option(..., "--data", help="Prompts: TruthfulQA CSV, GSM8K jsonl, "
+                              "XSTest/AdvBench CSV, jsonl with 'prompt', or one per line."),
+    out: Path = typer.Option(..., "--out", help="Directory for the value model."),
+    split: str = typer.Option("train", help="Rows: train (even), eval (odd) or all."),
+    limit: int | None = typer.Option(None, min=1, help="Use the first N prompts of the split."),
+    reward: str = typer.Option("reference", help="Reward source: reference (TruthfulQA "
+                               "ROUGE-L), marker:TEXT, marker-rate:TEXT, or a reward model."),
+    samples: int = typer.Option(1, min=1, help="Responses sampled per prompt."),
+    policy: str = typer.Option("base", help="Policy that samples the responses."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(1.0, min=0.0),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    stop: list[str] = typer.Option(["\n"], "--stop", help="Stop string (repeatable; "
+                                   "default a newline, '' for none)."),
+    epochs: int = typer.Option(2, min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lr: float = typer.Option(3e-4, help="Learning rate of the LoRA weights."),
+    head_lr: float = typer.Option(3e-5, "--head-lr", help="Learning rate of the value head "
+                                  "(small: Gemma 3's final hidden states have norms near 100)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of prompts held out."),
+    seed: int = typer.Option(0),
+    lora_r: int = typer.Option(16, "--lora-r", min=1),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", min=1),
+    lora_dropout: float = typer.Option(0.1, "--lora-dropout"),
+    adapter_dtype: str = typer.Option("float32", "--adapter-dtype",
+                                      help="Store the adapter as float32 or float16."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: "
+                                      "the config's base device, else auto)."),
+    base: str | None = typer.Option(None, "--base", help="Backbone (and sampler): HF id or path."),
+    value: str | None = typer.Option(None, "--value", help="Value adapter for a sia/dense "
+                                     "sampling policy."),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the sampled trajectories and "
+                                "the last epoch checkpoint in --out."),
+) -> None:
+    """Train a value model: sample responses, score them, distil the rewards (SIA's loss)."""
+    try:
+        if adapter_dtype not in ("float32", "float16"):
+            raise ValueError("adapter-dtype must be float32 or float16")
+        cfg = load_config(config)
+        cfg.base = _override(cfg.base, base, device)
+        cfg.value = _override(cfg.value or ModelSpec(), value, device)  # a sia/dense sampler's
+        settings = TrainSettings(epochs, batch_size, lr, head_lr, 0.0, 1.0, val_fraction, seed)
+        lora = LoraSettings(lora_r, lora_alpha, lora_dropout)
+        source = reward_from_spec(reward, device=str(resolve_device(cfg.base.device)))
+        out.mkdir(parents=True, exist_ok=True)
+        cached = out / TRAJECTORY_FILE
+        if resume and cached.is_file():
+            trajectories = load_trajectories(cached)
+        else:
+            examples = _examples(data, split, limit, source)
+            sampling = SamplingParams(max_tokens, temperature, top_p, seed, [s for s in stop if s])
+            policy_cfg = PolicyConfig(policy=policy)
+            trajectories = _sample_trajectories(
+                cfg, examples, policy_cfg, sampling, samples, source
+            )
+            save_trajectories(cached, trajectories)
+        loaded = load_model("value", cfg.base)
+        vm = build_value_model(loaded.model, lora, seed=seed)
+        encoded = [encode(loaded.tokenizer, t, loaded.max_context) for t in trajectories]
+        train, val = split_by_prompt(
+            encoded, [t.prompt for t in trajectories], val_fraction, seed
+        )
+        history = fit(vm, train, val, settings, checkpoint_dir=out, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    train_rewards = [e.reward for e in train]
+    losses = {
+        "history": history,
+        "val_loss": history[-1]["val_loss"],
+        "constant_val_loss": constant_loss(train_rewards, [e.reward for e in val]),
+        "train_mean_reward": sum(train_rewards) / len(train_rewards),
+    }
+    meta = {
+        "backbone": cfg.base.source,
+        "command": _command_line(ctx),
+        "data": {"file": data.name, "split": split, "limit": limit, "samples": samples,
+                 "prompts": len({t.prompt for t in trajectories}),
+                 "trajectories": len(trajectories), "train": len(train), "val": len(val)},
+        "reward": source.name,
+        "sampling": {"policy": policy, "max_tokens": max_tokens, "temperature": temperature,
+                     "top_p": top_p, "stop": list(stop)},
+        "training": {**asdict(settings), "adapter_dtype": adapter_dtype},
+        "seed": seed,
+        "losses": losses,
+    }
+    save_value_model(vm, out, meta)
+    if adapter_dtype == "float16":
+        store_adapter_as(out, torch.float16)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+    typer.echo(
+        f"validation loss {losses['val_loss']:.4f} vs constant predictor "
+        f"{losses['constant_val_loss']:.4f} ({len(val)} held-out trajectories); saved to {out}",
+        err=True,
+    )
+
+
+def _summary(name: str, rewards: list[float], results: list[GenerationResult], seconds: float):
+    n = len(results)
+    mean = sum(rewards) / n
+    spread = (sum((r - mean) ** 2 for r in rewards) / max(1, n - 1)) ** 0.5
+    steps = sum(r.steps for r in results)
+    return {
+        "policy": name,
+        "requests": n,
+        "reward": mean,
+        "reward_stderr": spread / n**0.5,
+        "intervention_rate": sum(r.interventions for r in results) / steps if steps else 0.0,
+        "steps": steps,
+        "value_tokens": sum(r.work["value_tokens"] for r in results),
+        "base_tokens": sum(r.work["base_tokens"] for r in results),
+        "seconds": seconds,
+    }
+
+
+def _plot(rows: list[dict], path: Path, reward_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.errorbar(row["intervention_rate"], row["reward"], yerr=row["reward_stderr"],
+                    fmt="o", capsize=3)
+        ax.annotate(row["policy"], (row["intervention_rate"], row["reward"]),
+                    textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("intervention rate (junction steps / decode steps)")
+    ax.set_ylabel(f"mean reward ({reward_name})")
+    ax.set_xlim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(
+    ctx: typer.Context,
+    data: Path = typer.Option(..., "--data", help="Prompts file (as for train-value)."),
+    split: str = typer.Option("eval", help="Rows: eval (odd), train (even) or all."),
+    limit: int | None = typer.Option(24, min=1, help="The first N prompts of the split."),
+    reward: str = typer.Option("reference", help="Reward source (as for train-value)."),
+    target_ratio: list[float] = typer.Option([0.2], "--target-ratio",
+                                             help="SIA target ratio (repeatable)."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Include the dense policy."),
+    beta: float = typer.Option(1.0, help="SIA's value weight β."),
+    value_temperature: float = typer.Option(0.0, "--value-temperature",
+                                            help="SIA's T (0 = argmax, deterministic)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="Base sampling; 0 = greedy."),
+    stop: list[str] = typer.Option(["\n"], "--stop", help="Stop string (repeatable; "
+                                   "default a newline, '' for none)."),
+    seed: int = typer.Option(0),
+    device: str | None = typer.Option(None, help="Device of base and value (default: the "
+                                      "config's, else auto)."),
+    base: str | None = typer.Option(None, "--base", help="Base model: HF id or path."),
+    value: str | None = typer.Option(None, "--value", help="Value adapter directory."),
+    config: str | None = typer.Option(None, "--config", help="YAML config file."),
+    out: Path = typer.Option(Path("evaluation"), "--out", help="Where the JSON and plot go."),
+) -> None:
+    """Reward of base, SIA and dense side by side, with intervention rates and value work."""
+    try:
+        cfg = load_config(config)
+        cfg.base = _override(cfg.base, base, device)
+        cfg.value = _override(cfg.value or ModelSpec(), value, device)
+        source = reward_from_spec(reward, device=str(resolve_device(cfg.base.device)))
+        examples = _examples(data, split, limit, source)
+        sampling = SamplingParams(max_tokens, temperature, 1.0, seed, [s for s in stop if s])
+        sia = {"beta": beta, "value_temperature": value_temperature}
+        policies = {"base": PolicyConfig("base")}
+        for ratio in target_ratio:
+            policies[f"sia@{ratio:g}"] = PolicyConfig("sia", target_ratio=ratio, **sia)
+        if dense:
+            policies["dense"] = PolicyConfig("dense", **sia)
+        groups = {name: _requests(examples, p, sampling) for name, p in policies.items()}
+        roles = ("base", "value") if len(policies) > 1 else ("base",)
+        generated = asyncio.run(_generate_all(local_engine(cfg, roles), groups))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    refs = [ex.refs for ex in examples]
+    rows = []
+    for name, (results, seconds) in generated.items():
+        rewards = _rewards(source, groups[name], refs, results, desc=f"reward {name}")
+        rows.append(_summary(name, rewards, results, seconds))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": _command_line(ctx), "reward": source.name,
+              "data": {"file": data.name, "split": split, "prompts": len(examples)},
+              "rows": rows}
+    (out / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
+    _plot(rows, out / "evaluation.png", source.name)
+    typer.echo(_table(rows))
+    typer.echo(f"saved {out / 'evaluation.json'} and {out / 'evaluation.png'}", err=True)
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| policy | reward (± s.e.) | intervention rate | value tokens | base tokens | s |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['reward']:+.4f} ± {r['reward_stderr']:.4f} | "
+            f"{r['intervention_rate']:.1%} | {r['value_tokens']} | {r['base_tokens']} | "
+            f"{r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
