@@ -25,6 +25,7 @@ from gateway.sequence import GenerationRequest, Sequence, Status
 from gateway.stopping import Stopping
 from services.handles import Handle
 from shared.config import Limits
+from shared.prompts import transcript_stops
 from shared.steering import (
     EntropyQuantile,
     blendin_choose,
@@ -185,7 +186,7 @@ class Engine:
         seq = Sequence(
             req=req,
             prompt_tokens=prompt_tokens,
-            stopping=Stopping(req.sampling.max_tokens, list(req.sampling.stop)),
+            stopping=Stopping(req.sampling.max_tokens, self._stops(req)),
             families={role: self.infos[role].family for role in req.roles},
         )
         if policy.policy == "sia" and policy.target_ratio is not None:
@@ -193,6 +194,14 @@ class Engine:
         if policy.value_temperature > 0:
             seq.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         return seq
+
+    @staticmethod
+    def _stops(req: GenerationRequest) -> list[str]:
+        """The request's stop strings; a plain base answering messages stops at the next turn."""
+        stops = list(req.sampling.stop)
+        if req.messages is not None and req.driver == "base":
+            stops += [s for s in transcript_stops(req.messages) if s not in stops]
+        return stops
 
     # ----------------------------------------------------------------- the loop
     async def _run(self) -> None:

@@ -22,6 +22,16 @@ def transcript(messages: list[Message]) -> str:
     return "\n".join([*lines, "Assistant:"])
 
 
+def transcript_stops(messages: list[Message]) -> list[str]:
+    """Where a plain model's turn ends in a transcript: when it starts the next speaker's line.
+
+    A base model continuing a transcript writes the next turn too ("\nUser: ..."); the chat
+    reply is what comes before it.
+    """
+    roles = {m["role"].capitalize() for m in messages} | {"User"}
+    return [f"\n{role}:" for role in sorted(roles)]
+
+
 def _one_source(prompt: str | None, messages: list[Message] | None) -> None:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")

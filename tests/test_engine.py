@@ -292,3 +292,22 @@ def test_a_restarted_worker_replays_the_request_and_nothing_is_lost(workers, pol
     assert (result.steps, result.interventions) == (clean.steps, clean.interventions)
     # the replay re-ran the text on the restarted worker: visible as extra work
     assert result.work[f"{role}_tokens"] > clean.work[f"{role}_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "messages", "stop", "expected"),
+    [
+        ("base", [{"role": "user", "content": "hi"}], [], ["\nUser:"]),
+        ("blendin", [{"role": "user", "content": "hi"}], ["."], [".", "\nUser:"]),
+        ("guidance", [{"role": "user", "content": "hi"}], [], []),  # the chat model ends itself
+        ("base", None, [], []),  # a plain prompt has no turns
+    ],
+)
+def test_chat_on_the_base_stops_where_its_transcript_turn_ends(policy, messages, stop, expected):
+    req = GenerationRequest(
+        prompt=None if messages else "hi",
+        messages=messages,
+        sampling=SamplingParams(stop=stop),
+        policy=PolicyConfig(policy=policy),
+    )
+    assert Engine._stops(req) == expected

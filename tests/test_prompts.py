@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.prompts import build_prompt_ids, transcript
+from shared.prompts import build_prompt_ids, transcript, transcript_stops
 from tests.tiny import tiny_tokenizer
 
 CHATML = tiny_tokenizer("bytelevel")  # has a ChatML-like chat template, adds no BOS
@@ -91,3 +91,18 @@ def test_plain_prompt_ids_are_the_tokenizer_encoding() -> None:
 def test_exactly_one_of_prompt_and_messages(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         build_prompt_ids(CHATML, chat=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("messages", "stops"),
+    [
+        ([{"role": "user", "content": "hi"}], ["\nUser:"]),
+        (
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            ["\nSystem:", "\nUser:"],
+        ),
+        ([{"role": "assistant", "content": "hello"}], ["\nAssistant:", "\nUser:"]),
+    ],
+)
+def test_a_base_reply_to_a_transcript_stops_at_the_next_turn(messages, stops):
+    assert transcript_stops(messages) == stops
