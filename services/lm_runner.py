@@ -49,6 +49,7 @@ class _Batch:
     seq_ids: tuple[str, ...]
     cache: DynamicCache
     mask: torch.Tensor  # [rows, columns] 2D attention mask
+    logits: torch.Tensor | None = None  # [rows, vocab] from the last batched forward
 
 
 class LMRunner:
@@ -109,8 +110,7 @@ class LMRunner:
         """Apply each request's commits, run what is pending, return each top-k summary."""
         processed = {r.seq_id: self._apply(r.seq_id, r.append) for r in reqs}
         self._forward([r.seq_id for r in reqs])
-        logits = torch.stack([self.seqs[r.seq_id].logits for r in reqs])
-        summaries = self._summarize(logits, reqs)
+        summaries = self._summarize(self._logits_of([r.seq_id for r in reqs]), reqs)
         for summary in summaries:
             summary.processed = processed[summary.seq_id]
         return summaries
@@ -157,6 +157,13 @@ class LMRunner:
         ]
 
     # ----------------------------------------------------------------- internals
+    def _logits_of(self, seq_ids: list[str]) -> torch.Tensor:
+        """[rows, vocab] next-token logits; the batched forward's own tensor when it matches."""
+        batch = self.batch
+        if batch is not None and batch.logits is not None and tuple(seq_ids) == batch.seq_ids:
+            return batch.logits  # the steady state: no copy of a vocabulary-wide tensor
+        return torch.stack([self.seqs[s].logits for s in seq_ids])
+
     def _apply(self, seq_id: str, commits: list[Commit]) -> int:
         """Append commits to a sequence; returns how many tokens are now pending."""
         seq = self._seq(seq_id)
@@ -256,7 +263,7 @@ class LMRunner:
             logits_to_keep=1,
         )
         batch.cache = out.past_key_values
-        logits = out.logits[:, -1].float()
+        logits = batch.logits = out.logits[:, -1].float()
         for row, seq in enumerate(seqs):
             seq.cached += 1
             seq.pending = []
