@@ -29,13 +29,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.best_of import ValueScorer, best_of_n
 from gateway.engine import Engine, EngineOverloaded
+from gateway.local import local_handles
 from gateway.metrics import Metrics
 from gateway.openai_api import Reply, stream_events
 from gateway.schemas import ChatCompletionBody, CompletionBody, GenerateBody, OpenAIBody
 from gateway.sequence import GenerationRequest, Sequence
 from services.actors import WorkerUnavailable, configured_roles, start_workers, stop_workers
-from services.factory import build_runner
-from services.handles import Handle, LocalHandle
+from services.handles import Handle
 from shared.config import POLICIES, JunctionConfig, PolicyConfig
 from shared.types import GenerationResult, TokenEvent
 
@@ -48,11 +48,7 @@ WorkersStop = Callable[[dict[str, Handle]], None]
 async def local_workers(config: JunctionConfig) -> dict[str, Handle]:
     """Workers inside the gateway process (no Ray): each runner loads in a thread."""
 
-    def build() -> dict[str, Handle]:
-        roles = configured_roles(config)
-        return {role: LocalHandle(build_runner(role, config, progress=False)) for role in roles}
-
-    return await asyncio.to_thread(build)
+    return await asyncio.to_thread(local_handles, config, configured_roles(config), False)
 
 
 # --------------------------------------------------------------------- errors

@@ -24,7 +24,7 @@ import torch
 from gateway.sequence import GenerationRequest, Sequence, Status
 from gateway.stopping import Stopping
 from services.handles import Handle
-from shared.config import Limits
+from shared.config import VALUE_POLICIES, Limits
 from shared.prompts import transcript_stops
 from shared.steering import (
     EntropyQuantile,
@@ -170,18 +170,13 @@ class Engine:
             ),
             return_exceptions=True,
         )
-        errors = [c for c in counts if isinstance(c, BaseException)]
-        prompt_tokens = counts[0] if not errors else 0
-        limit = min(self.limits.max_prompt_tokens, self.infos[req.driver].max_context)
-        if errors or prompt_tokens > limit or prompt_tokens + req.sampling.max_tokens > (
-            self.infos[req.driver].max_context
-        ):
+        problem = next((c for c in counts if isinstance(c, BaseException)), None)
+        if problem is None:
+            problem = self._prompt_problem(counts[0], req)
+        if problem is not None:
             await self._close_on(req.request_id, req.roles)
-            if errors:
-                raise errors[0]
-            if prompt_tokens > limit:
-                raise ValueError(f"prompt: {prompt_tokens} tokens, at most {limit}")
-            raise ValueError("max_tokens: prompt plus max_tokens exceed the model's context")
+            raise problem
+        prompt_tokens = counts[0]
         policy = req.policy
         seq = Sequence(
             req=req,
@@ -191,9 +186,19 @@ class Engine:
         )
         if policy.policy == "sia" and policy.target_ratio is not None:
             seq.quantile = EntropyQuantile(policy.target_ratio)
-        if policy.value_temperature > 0:
+        if policy.policy in VALUE_POLICIES and policy.value_temperature > 0:
             seq.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         return seq
+
+    def _prompt_problem(self, prompt_tokens: int, req: GenerationRequest) -> ValueError | None:
+        """Why a prompt of this length cannot be served, if it cannot."""
+        context = self.infos[req.driver].max_context
+        limit = min(self.limits.max_prompt_tokens, context)
+        if prompt_tokens > limit:
+            return ValueError(f"prompt: {prompt_tokens} tokens, at most {limit}")
+        if prompt_tokens + req.sampling.max_tokens > context:
+            return ValueError("max_tokens: prompt plus max_tokens exceed the model's context")
+        return None
 
     @staticmethod
     def _stops(req: GenerationRequest) -> list[str]:

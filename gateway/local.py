@@ -1,16 +1,22 @@
-"""An engine over in-process runners: the CLI's way to run the decode loop without Ray."""
+"""In-process runners behind handles: the decode loop without Ray (CLI, tests, local app)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from gateway.engine import Engine
 from services.factory import build_runner
-from services.handles import LocalHandle
+from services.handles import Handle, LocalHandle
 from shared.config import JunctionConfig
 
 
+def local_handles(
+    config: JunctionConfig, roles: Iterable[str], progress: bool = True
+) -> dict[str, Handle]:
+    """In-process runners for these roles (their models load here), behind handles."""
+    return {role: LocalHandle(build_runner(role, config, progress)) for role in roles}
+
+
 def local_engine(config: JunctionConfig, roles: tuple[str, ...], progress: bool = True) -> Engine:
-    """An engine over in-process runners for the given roles (models load here)."""
-    return Engine(
-        {role: LocalHandle(build_runner(role, config, progress)) for role in roles},
-        config.limits,
-    )
+    """An engine over in-process runners for the given roles."""
+    return Engine(local_handles(config, roles, progress), config.limits)

@@ -16,11 +16,11 @@ import torch
 from transformers import DynamicCache
 
 from services.kv import expand_row
-from shared.bridge import TokenText, vocab_of
+from shared.bridge import TokenText
 from shared.config import ModelSpec
 from shared.models import LoadedModel, load_model
 from shared.prompts import build_prompt_ids
-from shared.types import EOS_TEXT, Commit, ModelInfo, ScoreRequest, ScoreResult
+from shared.types import ModelInfo, ScoreRequest, ScoreResult
 from shared.value_model import ValueModel, load_value_model
 
 DEFAULT_VALUE_DIR = Path(__file__).resolve().parent.parent / "shared" / "defaults" / "value"
@@ -42,8 +42,6 @@ class ValueRunner:
         self.family = loaded.family
         self.device = torch.device(loaded.device)
         self.seqs: dict[str, _Sequence] = {}
-        eos = self.tokenizer.eos_token_id
-        self._eos_id = eos if eos in loaded.eos_ids else min(loaded.eos_ids)
 
     @classmethod
     def from_paths(cls, backbone_spec: ModelSpec, adapter_dir: Path | None) -> ValueRunner:
@@ -98,7 +96,7 @@ class ValueRunner:
         for commit in req.append:
             seq.text.apply(commit)
         new = self._extend_prefix(seq)
-        cand_ids = [self._candidate_ids(c) for c in req.candidates]
+        cand_ids = [seq.text.ids_for(c) for c in req.candidates]  # the bridge's one rule
         values = self._score_candidates(seq, cand_ids)
         return ScoreResult(req.seq_id, values, new + sum(len(ids) for ids in cand_ids))
 
@@ -121,14 +119,6 @@ class ValueRunner:
         seq.cached += len(new)
         seq.last_value = float(values[0, -1])
         return len(new)
-
-    def _candidate_ids(self, commit: Commit) -> list[int]:
-        """A candidate's ids in this runner's vocabulary: its own ids, or its text encoded."""
-        if commit.family == self.family:
-            return list(commit.ids)
-        if commit.text == EOS_TEXT:
-            return [self._eos_id]
-        return vocab_of(self.tokenizer).encode(commit.text)  # the bridge's encoding of text
 
     def _score_candidates(self, seq: _Sequence, cand_ids: list[list[int]]) -> list[float]:
         """V(prefix ⊕ c) for each candidate, in one right-padded batch over the shared prefix."""

@@ -230,15 +230,18 @@ class TokenText:
     def mid_char(self) -> bool:
         return bool(self._pending)
 
-    def apply(self, commit: Commit) -> list[int]:
-        """Append a commit of the shared text; return the ids appended: the commit's own ids
-        when it comes from this runner's tokenizer family, else the encoding of its text."""
+    def ids_for(self, commit: Commit) -> list[int]:
+        """A commit in this runner's vocabulary (no change of state): its own ids when it
+        comes from this runner's tokenizer family, else the encoding of its text."""
         if commit.family and commit.family == self.family:
-            new = list(commit.ids)
-        elif commit.text == EOS_TEXT:
-            new = [] if self._eos_id is None else [self._eos_id]
-        else:
-            new = self.vocab.encode(commit.text)
+            return list(commit.ids)
+        if commit.text == EOS_TEXT:
+            return [] if self._eos_id is None else [self._eos_id]
+        return self.vocab.encode(commit.text)
+
+    def apply(self, commit: Commit) -> list[int]:
+        """Append a commit of the shared text; return the ids appended (see `ids_for`)."""
+        new = self.ids_for(commit)
         self.ids += new
         self._advance([i for i in new if i not in self.eos_ids])
         return new

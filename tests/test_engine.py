@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -34,14 +35,21 @@ def workers(tiny_gemma, tiny_llama):
     return runners
 
 
+@contextlib.asynccontextmanager
+async def started(workers, limits: Limits | None = None):
+    """A running engine over these runners, closed afterwards."""
+    engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, limits)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
 def run(workers, *reqs: GenerationRequest, limits: Limits | None = None) -> list[GenerationResult]:
     async def main():
-        engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, limits)
-        await engine.start()
-        try:
+        async with started(workers, limits) as engine:
             return await asyncio.gather(*(engine.generate(r) for r in reqs))
-        finally:
-            await engine.close()
 
     return asyncio.run(main())
 
@@ -187,15 +195,13 @@ def test_limits(workers):
 
 def test_over_the_concurrency_limit_is_refused_and_nothing_leaks(workers):
     async def main():
-        engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, Limits(max_concurrency=1))
-        await engine.start()
-        first = await engine.submit(request("base", max_tokens=50))
-        with pytest.raises(EngineOverloaded) as refused:
-            await engine.submit(request("base"))
-        engine.cancel(first)
-        [item async for item in engine.stream(first)]
-        second = await engine.generate(request("base", max_tokens=2))  # room again
-        await engine.close()
+        async with started(workers, Limits(max_concurrency=1)) as engine:
+            first = await engine.submit(request("base", max_tokens=50))
+            with pytest.raises(EngineOverloaded) as refused:
+                await engine.submit(request("base"))
+            engine.cancel(first)
+            [item async for item in engine.stream(first)]
+            second = await engine.generate(request("base", max_tokens=2))  # room again
         return refused.value, second
 
     refused, second = asyncio.run(main())
@@ -206,18 +212,16 @@ def test_over_the_concurrency_limit_is_refused_and_nothing_leaks(workers):
 
 def test_cancel_frees_the_sequence_on_every_worker(workers):
     async def main():
-        engine = Engine({r: LocalHandle(w) for r, w in workers.items()})
-        await engine.start()
-        seq = await engine.submit(request("blendin", max_tokens=200, tau=1.0))
-        events = []
-        async for item in engine.stream(seq):
-            events.append(item)
-            if len(events) == 3:
-                engine.cancel(seq)
-            if isinstance(item, GenerationResult):
-                break
-        await asyncio.sleep(0.1)
-        await engine.close()
+        async with started(workers) as engine:
+            seq = await engine.submit(request("blendin", max_tokens=200, tau=1.0))
+            events = []
+            async for item in engine.stream(seq):
+                events.append(item)
+                if len(events) == 3:
+                    engine.cancel(seq)
+                if isinstance(item, GenerationResult):
+                    break
+            await asyncio.sleep(0.1)
         return events
 
     events = asyncio.run(main())
@@ -229,12 +233,9 @@ def test_cancel_frees_the_sequence_on_every_worker(workers):
 
 def test_events_stream_the_same_text_as_the_result(workers):
     async def main():
-        engine = Engine({r: LocalHandle(w) for r, w in workers.items()})
-        await engine.start()
-        seq = await engine.submit(request("blendin", max_tokens=10, tau=0.5))
-        items = [item async for item in engine.stream(seq)]
-        await engine.close()
-        return items
+        async with started(workers) as engine:
+            seq = await engine.submit(request("blendin", max_tokens=10, tau=0.5))
+            return [item async for item in engine.stream(seq)]
 
     items = asyncio.run(main())
     result = items[-1]

@@ -141,7 +141,8 @@ def test_candidates_from_another_tokenizer_family_go_through_text(
     cands = [Commit(t, (7,), "another-family") for t in texts]
     [result] = s.runner.score([ScoreRequest("a", cands, [append])])
     prefix += vocab.encode(" Fish live")
-    cand_ids = [vocab.encode(" near"), vocab.encode(" the coral reefs"), [], [s.runner._eos_id]]
+    eos = s.runner.tokenizer.eos_token_id
+    cand_ids = [vocab.encode(" near"), vocab.encode(" the coral reefs"), [], [eos]]
     expected = [s.full_value(prefix + ids) for ids in cand_ids]
     assert result.values == pytest.approx(expected, abs=1e-4)
     assert result.processed == len(prefix) + sum(map(len, cand_ids))  # first call: whole prefix
