@@ -60,25 +60,30 @@ def _requests(
     ]
 
 
-def _rewards(
-    source: RewardSource, reqs: list[GenerationRequest], refs: list, results: list, desc: str
-) -> list[float]:
+def _scored(
+    source: RewardSource, prompts: list[str], texts: list[str], refs: list, desc: str
+) -> tuple[list[float], list[list[float]] | list[None]]:
+    """Each response's reward and, where the source splits it per token (the implicit
+    reward's `score_tokens`), its split over the base's tokens for position targets."""
     from shared.rewards import score_all
 
-    prompts, texts = [req.prompt for req in reqs], [res.text for res in results]
-    return score_all(source, prompts, texts, refs, desc=desc)
+    if hasattr(source, "score_tokens"):
+        return source.score_tokens(prompts, texts)
+    return score_all(source, prompts, texts, refs, desc=desc), [None] * len(texts)
 
 
 def _rescore(source: RewardSource, trajectories: list[Trajectory], data: Path) -> list[Trajectory]:
     """Sampled responses scored again with another reward (references from the data file)."""
     from shared.datasets import load_split
-    from shared.rewards import score_all
 
     by_row = {ex.row: ex.refs for ex in load_split(data, "all")}
     refs = [by_row.get(t.row) for t in trajectories]
     prompts, texts = [t.prompt for t in trajectories], [t.response for t in trajectories]
-    rewards = score_all(source, prompts, texts, refs, desc=f"reward ({source.name})")
-    return [replace(t, reward=r) for t, r in zip(trajectories, rewards, strict=True)]
+    rewards, shares = _scored(source, prompts, texts, refs, desc=f"reward ({source.name})")
+    return [
+        replace(t, reward=r, token_rewards=x)
+        for t, r, x in zip(trajectories, rewards, shares, strict=True)
+    ]
 
 
 async def _generate_all(
@@ -110,11 +115,14 @@ def _sample_trajectories(
     engine = local_engine(cfg, reqs[0].roles)
     results, _ = asyncio.run(_generate_all(engine, {"sampling": reqs}))["sampling"]
     refs = [ex.refs for ex in examples for _ in range(samples)]
-    rewards = _rewards(source, reqs, refs, results, desc=f"reward ({source.name})")
+    rewards, shares = _scored(
+        source, [req.prompt for req in reqs], [res.text for res in results], refs,
+        desc=f"reward ({source.name})",
+    )
     rows = [ex.row for ex in examples for _ in range(samples)]
     return [
-        Trajectory(req.prompt, res.text, r, row, req.sampling.seed or 0, res.finish_reason)
-        for req, res, r, row in zip(reqs, results, rewards, rows, strict=True)
+        Trajectory(req.prompt, res.text, r, row, req.sampling.seed or 0, res.finish_reason, x)
+        for req, res, r, row, x in zip(reqs, results, rewards, rows, shares, strict=True)
     ]
 
 
@@ -219,6 +227,9 @@ def train_value(
                                   "frozen backbone's features (ridge)."),
     ridge: float = typer.Option(3.0, "--ridge", help="Ridge penalty of --head-init ridge, "
                                 "relative to the features' mean variance."),
+    position_weight: float = typer.Option(1.0, "--position-weight", min=0.0, help="Weight of "
+                                          "the per-position loss on rewards split per token "
+                                          "(implicit); 0: SIA's trajectory loss alone."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of prompts held out."),
     seed: int = typer.Option(0),
     lora_r: int = typer.Option(16, "--lora-r", min=1),
@@ -266,7 +277,7 @@ def train_value(
 
         settings = TrainSettings(
             epochs, batch_size, lr, head_lr, weight_decay, 1.0, val_fraction, seed,
-            head_init, ridge,
+            head_init, ridge, position_weight,
         )
         lora = LoraSettings(lora_r, lora_alpha, lora_dropout)
         source = reward_from_spec(reward, str(resolve_device(cfg.base.device)),

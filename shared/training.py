@@ -47,6 +47,9 @@ class Trajectory:
     row: int = -1  # the prompt's data row
     seed: int = 0  # the sampling seed of the response
     finish_reason: str = ""
+    # The reward split over the response's tokens in the value model's vocabulary (their
+    # mean is `reward`), where the reward source decomposes (the implicit reward); else None.
+    token_rewards: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -54,6 +57,8 @@ class Encoded:
     ids: list[int]  # prompt, response, end of sequence, in the value model's vocabulary
     start: int  # position of the first response token (or of the end of sequence)
     reward: float
+    # Per-position targets of the response positions (end of sequence included), or None.
+    targets: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +79,9 @@ class TrainSettings:
     # The ridge penalty relative to the features' mean variance; 3 was the best of 0.1..100 on
     # an inner 80/20 prompt split of the implicit-reward training set (see BENCHMARKS.md).
     ridge: float = 3.0
+    # Weight of the per-position loss on trajectories whose reward comes split per token
+    # (`Trajectory.token_rewards`); 0 trains on SIA's loss alone (see the module docstring).
+    position_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -82,6 +90,8 @@ class TrainSettings:
             raise ValueError("head_init must be ridge or zero")
         if self.ridge <= 0.0:
             raise ValueError("ridge must be > 0")
+        if not self.position_weight >= 0.0:
+            raise ValueError("position_weight must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
 
@@ -109,9 +119,23 @@ def encode(tokenizer, trajectory: Trajectory, max_tokens: int = 512) -> Encoded:
         raise ValueError("a prompt encodes to no tokens; the value model needs a prefix")
     if tokenizer.eos_token_id is None:
         raise ValueError("the value model's tokenizer has no end-of-sequence token")
-    response = vocab_of(tokenizer).encode(trajectory.response) if trajectory.response else []
-    response = response[: max(0, max_tokens - len(prompt) - 1)] + [tokenizer.eos_token_id]
-    return Encoded(prompt + response, len(prompt), trajectory.reward)
+    full = vocab_of(tokenizer).encode(trajectory.response) if trajectory.response else []
+    response = full[: max(0, max_tokens - len(prompt) - 1)] + [tokenizer.eos_token_id]
+    return Encoded(
+        prompt + response, len(prompt), trajectory.reward,
+        position_targets(trajectory, len(full), len(response) - 1),
+    )
+
+
+def position_targets(trajectory: Trajectory, tokens: int, kept: int) -> list[float] | None:
+    """Per-position targets: each kept token's share of the reward, then the end of sequence
+    at the whole response's reward (the finished response's value, as in SIA's training),
+    so that over an uncut response their mean is the reward. None when the trajectory has no
+    per-token rewards or they were made in another tokenizer (their count is not `tokens`)."""
+    shares = trajectory.token_rewards
+    if shares is None or len(shares) != tokens:
+        return None
+    return [*shares[:kept], trajectory.reward]
 
 
 def split_by_prompt(
@@ -128,17 +152,24 @@ def split_by_prompt(
 
 
 def collate(batch: Sequence[Encoded], device: torch.device | str = "cpu") -> dict:
-    """Right-padded ids, attention mask, response-position mask and rewards."""
+    """Right-padded ids, attention mask, response-position mask, rewards, and the
+    per-position targets with the mask of the positions that have one."""
     width = max(len(e.ids) for e in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
     response = torch.zeros(len(batch), width)
+    targets = torch.zeros(len(batch), width)
+    targeted = torch.zeros(len(batch), width)
     for row, e in enumerate(batch):
         ids[row, : len(e.ids)] = torch.tensor(e.ids)
         mask[row, : len(e.ids)] = 1
         response[row, e.start : len(e.ids)] = 1.0
+        if e.targets is not None:
+            targets[row, e.start : len(e.ids)] = torch.tensor(e.targets)
+            targeted[row, e.start : len(e.ids)] = 1.0
     rewards = torch.tensor([e.reward for e in batch], dtype=torch.float32)
-    tensors = {"ids": ids, "mask": mask, "response": response, "rewards": rewards}
+    tensors = {"ids": ids, "mask": mask, "response": response, "rewards": rewards,
+               "targets": targets, "targeted": targeted}
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -155,15 +186,29 @@ def trajectory_loss(values: torch.Tensor, response: torch.Tensor, rewards: torch
     return ((trajectory_values(values, response) - rewards) ** 2).mean()
 
 
+def position_loss(values: torch.Tensor, targets: torch.Tensor, targeted: torch.Tensor):
+    """Mean of (V_t − target_t)² over the positions that have a target (0 if none)."""
+    count = targeted.sum()
+    if count == 0:
+        return values.sum() * 0.0
+    return (((values - targets) ** 2) * targeted).sum() / count
+
+
 def constant_loss(train_rewards: Sequence[float], rewards: Sequence[float]) -> float:
     """The loss of always predicting the mean training reward: the bar to beat."""
     mean = sum(train_rewards) / len(train_rewards)
     return sum((r - mean) ** 2 for r in rewards) / len(rewards)
 
 
-def batch_loss(vm: ValueModel, batch: dict) -> torch.Tensor:
+def batch_loss(vm: ValueModel, batch: dict, position_weight: float = 0.0) -> torch.Tensor:
+    """SIA's loss, plus `position_weight` × the per-position loss where targets exist."""
     values, _ = vm(batch["ids"], attention_mask=batch["mask"])
-    return trajectory_loss(values, batch["response"], batch["rewards"])
+    loss = trajectory_loss(values, batch["response"], batch["rewards"])
+    if position_weight:
+        loss = loss + position_weight * position_loss(
+            values, batch["targets"], batch["targeted"]
+        )
+    return loss
 
 
 @torch.no_grad()
@@ -219,11 +264,31 @@ def mean_features(vm: ValueModel, data: Sequence[Encoded], batch_size: int, devi
     return torch.cat(rows)
 
 
+@torch.no_grad()
+def position_features(vm: ValueModel, data: Sequence[Encoded], batch_size: int, device):
+    """The final hidden state of every response position that has a target, and the targets
+    (eval mode): [N, hidden], [N]."""
+    vm.eval()
+    rows, targets = [], []
+    for i in range(0, len(data), batch_size):
+        batch = collate(data[i : i + batch_size], device)
+        hidden = vm.decoder()(input_ids=batch["ids"], attention_mask=batch["mask"])
+        picked = batch["targeted"].bool()
+        rows.append(hidden.last_hidden_state[picked].float().cpu())
+        targets.append(batch["targets"][picked].cpu())
+    return torch.cat(rows), torch.cat(targets)
+
+
 def start_by_ridge(vm: ValueModel, train: Sequence[Encoded], settings: TrainSettings) -> None:
-    """The head as the ridge fit of the (still frozen: LoRA's B is 0) backbone's features."""
+    """The head as the ridge fit of the (still frozen: LoRA's B is 0) backbone's features:
+    of each position's hidden state to its target where the trajectories have per-position
+    targets, else of each trajectory's mean hidden state to its reward."""
     device = vm.head.weight.device
-    features = mean_features(vm, train, settings.batch_size, device)
-    rewards = torch.tensor([e.reward for e in train])
+    if any(e.targets is not None for e in train):
+        features, rewards = position_features(vm, train, settings.batch_size, device)
+    else:
+        features = mean_features(vm, train, settings.batch_size, device)
+        rewards = torch.tensor([e.reward for e in train])
     weight, bias = ridge_head(features, rewards, settings.ridge)
     with torch.no_grad():
         vm.head.weight.copy_(weight.view_as(vm.head.weight))
@@ -286,7 +351,7 @@ def train_epoch(
     bar = tqdm(starts, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress)
     for i in bar:
         chunk = [data[j] for j in order[i : i + settings.batch_size]]
-        loss = batch_loss(vm, collate(chunk, device))
+        loss = batch_loss(vm, collate(chunk, device), settings.position_weight)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable(vm).values()), settings.max_grad_norm)

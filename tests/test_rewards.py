@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from shared.bridge import vocab_of
 from shared.config import ModelSpec
-from shared.implicit_reward import ImplicitReward
+from shared.implicit_reward import ImplicitReward, byte_ends, spread, token_rewards
 from shared.models import load_model
 from shared.rewards import (
     ClassifierReward,
@@ -205,3 +206,40 @@ def test_implicit_reward_from_spec_loads_lazily(implicit_pair, tmp_path: Path) -
     assert isinstance(reward, ImplicitReward) and reward.name == "implicit"
     with pytest.raises((OSError, ValueError)):  # only now does it look for the model
         reward.score("Q: Why?\nA:", " Because.")
+
+
+def test_spread_moves_each_value_to_the_token_holding_its_last_byte() -> None:
+    # text "abcdef": source tokens end at bytes 1, 3, 6; target tokens at 2, 6
+    assert spread([1.0, 10.0, 100.0], [1, 3, 6], [2, 6]) == [1.0, 110.0]
+    assert spread([1.0, 2.0], [3, 9], [4]) == [3.0]  # past the last: the last
+    assert spread([1.0], [1], []) == []
+
+
+def test_token_rewards_split_the_reward_exactly() -> None:
+    # base tokens " The" " sky" (ends 4, 8); guidance tokens "The" "sk" "y" after a stripped
+    # space (ends 4, 7, 8)
+    shares = token_rewards([-1.0, -3.0], [-0.5, -2.0, -0.1], [4, 8], [4, 7, 8])
+    assert shares == pytest.approx([2 / 3 * -0.5 + 1.0, 2 / 3 * -2.1 + 3.0])
+    mean_g, mean_b = (-0.5 - 2.0 - 0.1) / 3, (-1.0 - 3.0) / 2
+    assert sum(shares) / 2 == pytest.approx(mean_g - mean_b)
+
+
+def test_implicit_reward_per_token_on_two_tokenizers(implicit_pair) -> None:
+    """score_tokens: one share per base token of the response (in the encoding the value
+    model trains on), their mean the reward; the same rewards as score_batch."""
+    base, guidance = implicit_pair
+    reward = ImplicitReward(base, guidance, batch_size=2, progress=False)
+    prompts, responses = zip(*PAIRS, strict=True)
+    rewards, shares = reward.score_tokens(prompts, responses)
+    assert rewards == pytest.approx(reward.score_batch(prompts, responses), abs=1e-6)
+    vocab = vocab_of(base.tokenizer)
+    for response, r, row in zip(responses, rewards, shares, strict=True):
+        ids = vocab.encode(response)
+        assert len(row) == len(ids) > 1
+        assert byte_ends(vocab, ids)[-1] == len(response.encode())  # "▁" counted as a space
+        assert sum(row) / len(row) == pytest.approx(r, abs=1e-5)
+        assert len({round(x, 3) for x in row}) > 1  # a split, not the mean repeated
+    g_vocab = vocab_of(guidance.tokenizer)
+    stripped = PAIRS[0][1].lstrip()
+    assert byte_ends(g_vocab, g_vocab.encode(stripped), 1)[-1] == len(PAIRS[0][1].encode())
+    assert reward.score_tokens(["Q: Why?\nA:"], [""]) == ([0.0], [[]])

@@ -19,6 +19,7 @@ from gateway.sequence import GenerationRequest
 from services.handles import LocalHandle
 from services.lm_runner import LMRunner
 from services.value_runner import ValueRunner
+from shared.bridge import vocab_of
 from shared.config import ModelSpec, PolicyConfig, SamplingParams
 from shared.datasets import in_split, load_examples, load_split
 from shared.models import load_model
@@ -34,6 +35,7 @@ from shared.training import (
     fit,
     load_trajectories,
     mean_loss,
+    position_loss,
     ridge_head,
     save_trajectories,
     split_by_prompt,
@@ -131,6 +133,68 @@ def test_encode_matches_the_value_runners_prompt(tokenizer_kind: str) -> None:
     assert (empty.ids, empty.start) == ([*prompt, eos], len(prompt))
     cut = encode(tok, Trajectory("The ocean is", " deep" * 50, 0.0), max_tokens=len(prompt) + 4)
     assert len(cut.ids) == len(prompt) + 4 and cut.ids[-1] == eos  # cut, the end kept
+
+
+def test_per_token_rewards_become_position_targets() -> None:
+    """Each response token's share of the reward, then the end of sequence at the reward;
+    none when the shares were made in another tokenizer (their count differs)."""
+    tok = tiny_tokenizer("bytelevel")
+    ids = encode(tok, Trajectory("The ocean is", " deep and blue", 0.5)).ids
+    n = len(ids) - len(build_prompt_ids(tok, prompt="The ocean is", chat=False)) - 1
+    shares = [float(i) for i in range(n)]
+    enc = encode(tok, Trajectory("The ocean is", " deep and blue", 0.5, token_rewards=shares))
+    assert enc.targets == [*shares, 0.5] and len(enc.targets) == len(enc.ids) - enc.start
+    other = Trajectory("The ocean is", " deep and blue", 0.5, token_rewards=shares[:-1])
+    assert encode(tok, other).targets is None
+    assert encode(tok, Trajectory("The ocean is", " deep and blue", 0.5)).targets is None
+    cut = encode(tok, Trajectory("The ocean is", " deep and blue", 0.5, token_rewards=shares),
+                 max_tokens=enc.start + 2)
+    assert cut.targets == [shares[0], 0.5]  # the kept token's share, then the end
+
+
+def test_position_loss_counts_only_targeted_positions() -> None:
+    batch = collate([Encoded([5, 6, 7], 1, 1.0, [2.0, 4.0]), Encoded([5, 6, 7, 8], 2, 0.0)])
+    assert batch["targets"].tolist() == [[0, 2, 4, 0], [0, 0, 0, 0]]
+    assert batch["targeted"].tolist() == [[0, 1, 1, 0], [0, 0, 0, 0]]
+    values = torch.tensor([[9.0, 1.0, 4.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+    # (1 - 2)^2 and (4 - 4)^2 over the two targeted positions
+    assert float(position_loss(values, batch["targets"], batch["targeted"])) == 0.5
+    assert float(position_loss(values, batch["targets"], batch["targeted"] * 0)) == 0.0
+    with pytest.raises(ValueError, match="position_weight"):
+        TrainSettings(position_weight=-1.0)
+
+
+def test_position_targets_teach_each_position_its_share() -> None:
+    """A reward that is a mean of per-token terms (+1 for each " sea" token, −1 for the token
+    after it): with the per-position loss each position's value learns its own token's term,
+    which SIA's loss alone does not ask for (any values with the right mean fit it); both fit
+    the reward below the constant predictor."""
+    tok = tiny_tokenizer("bytelevel")
+    words, sea = CORPUS.split(), tok.encode(" sea", add_special_tokens=False)
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(64):
+        picks = torch.randint(0, len(words), (6,), generator=gen).tolist()
+        text = "".join(" sea" if p % 3 == 0 else " " + words[p] for p in picks)
+        ids = vocab_of(tok).encode(text)
+        marks = [1.0 if [t] == sea else 0.0 for t in ids]
+        shares = [m - before for m, before in zip(marks, [0.0, *marks], strict=False)]
+        traj = Trajectory(f"Prompt {i % 7}:", text, sum(shares) / len(shares), token_rewards=shares)
+        data.append(encode(tok, traj))
+    rewards = [e.reward for e in data]
+    per_position, per_trajectory = {}, {}
+    for weight in (0.0, 1.0):
+        _, vm = fresh_value_model()
+        settings = TrainSettings(epochs=3, batch_size=8, lr=3e-3, head_lr=3e-3,
+                                 position_weight=weight)
+        per_trajectory[weight] = fit(vm, data[:48], data[48:], settings, progress=False)
+        batch = collate(data[48:])
+        with torch.no_grad():
+            values, _ = vm(batch["ids"], attention_mask=batch["mask"])
+        per_position[weight] = float(position_loss(values, batch["targets"], batch["targeted"]))
+    assert per_position[1.0] < 0.5 * per_position[0.0]
+    for history in per_trajectory.values():
+        assert history[-1]["val_loss"] < constant_loss(rewards[:48], rewards[48:])
 
 
 def test_split_keeps_every_prompt_on_one_side() -> None:
