@@ -9,6 +9,8 @@ One tick, for all live requests at once:
   4. each request commits its choice, streams an event and counts it; finished or cancelled
      requests free their caches on every worker.
 Workers are reached through handles (`services.handles`): in-process runners or Ray actors.
+Between junctions the base may run ahead several steps in one call (`gateway.run_ahead`);
+those steps are committed first, one by one, as ticks of their own would commit them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gateway.run_ahead import run_ahead
 from gateway.sequence import GenerationRequest, Sequence, Status
 from gateway.stopping import Stopping
 from gateway.supervision import RETRY_SECONDS, Supervisor
@@ -323,10 +326,12 @@ class Engine:
         steps = await self._driver_steps(seqs)
         seqs = [s for s in seqs if s.id in steps]
         # A request whose own step raises fails alone (see _isolated); the others go on.
+        for s in seqs:
+            self._isolated(s, self._ran_ahead, s, steps[s.id])
+        seqs = [s for s in seqs if s.status is Status.RUNNING and not s.cancelled]
         kinds = {s.id: self._isolated(s, self._junction, s, steps[s.id]) for s in seqs}
         values, blends, words = await self._consult(seqs, steps, kinds)
         for s in seqs:
-            s.work[f"{s.req.driver}_tokens"] += steps[s.id].processed
             if s.status is Status.RUNNING and not s.lost:
                 self._isolated(s, self._advance, s, steps[s.id], kinds[s.id], values, blends, words)
         await self._reap()
@@ -357,12 +362,32 @@ class Engine:
                         append=s.unseen(role),
                         logprobs=s.req.sampling.logprobs,
                         entropy_k=s.policy.entropy_k,
+                        ahead=run_ahead(s, self._fixed_threshold(s.policy), self.limits.run_ahead),
                     )
                     for s in group
                 ]
                 calls[role] = (group, reqs)
         results = await self._batched_calls({r: ("step", c) for r, c in calls.items()})
         return {res.seq_id: res for group in results.values() for res in group}
+
+    def _ran_ahead(self, seq: Sequence, step: StepResult) -> None:
+        """Step 1, continued: commit the steps the driver ran ahead on its own, in order, as
+        `_advance` commits a step without a junction (the driver already holds their tokens).
+
+        Past a stop, max_tokens or a cancel the rest is dropped: the request is over, and
+        closing it frees the driver's copy.
+        """
+        seq.work[f"{seq.req.driver}_tokens"] += step.processed + sum(
+            e.processed for e in step.earlier
+        )
+        for earlier in step.earlier:
+            if seq.status is not Status.RUNNING or seq.cancelled:
+                return
+            if self._junction(seq, earlier) is not None:  # the runner applies the same test
+                raise RuntimeError("the driver ran ahead past a junction")
+            self._advance(seq, earlier, None, {}, {}, {})
+        if step.earlier:
+            seq.synced[seq.req.driver] = len(seq.commits)
 
     def _junction(self, seq: Sequence, step: StepResult) -> str | None:
         """Step 2: the policy's junction test (`shared.steering.JUNCTION_TESTS`) for this step."""
@@ -377,14 +402,20 @@ class Engine:
     def _entropy_threshold(self, policy: PolicyConfig) -> float:
         """SIA's H: the request's own; for a target_ratio the calibrated one, else the
         server-wide running quantile (never a per-request quota)."""
+        fixed = self._fixed_threshold(policy)
+        if fixed is not None:
+            return fixed
+        return self.entropies[policy.entropy_k].threshold(policy.target_ratio)
+
+    def _fixed_threshold(self, policy: PolicyConfig) -> float | None:
+        """H when it stays put from step to step (the request's own, or calibrated); None
+        when it is the running quantile."""
         ratio = policy.target_ratio
         if ratio is None:
             return policy.entropy_threshold
         if self.calibration is not None and self.calibration.k == policy.entropy_k:
-            calibrated = self.calibration.threshold(ratio)
-            if calibrated is not None:
-                return calibrated
-        return self.entropies[policy.entropy_k].threshold(ratio)
+            return self.calibration.threshold(ratio)
+        return None
 
     async def _consult(
         self, seqs: list[Sequence], steps: dict[str, StepResult], kinds: dict[str, str | None]

@@ -171,6 +171,12 @@ class Limits:
     # How long a request waits for a restarting worker, and a worker may stay silent, before
     # the request fails and the role is declared down (a new worker is then started).
     recovery_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Tokens the base may decode past the step it returns, in one call, between junctions
+    # (`base` never has one): fewer gateway-worker round trips per token. 0 = one step per
+    # call. A client receives a burst of up to 1 + run_ahead tokens at a time (each its own
+    # event), so on a slow model this bounds the streaming delay; new requests join the
+    # batch between calls.
+    run_ahead: Annotated[int, Field(ge=0)] = 8
 
 
 @dataclass(slots=True)

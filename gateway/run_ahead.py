@@ -1,0 +1,44 @@
+"""Run-ahead: the base decodes several steps in one call until its next junction.
+
+Between junctions the gateway only commits the base's own sampled token, and the junction
+test is a pure function of the step's summary (`shared.steering.JUNCTION_TESTS`). So the
+base runner can apply the test itself and keep stepping, and one round trip carries every
+step up to the next junction, the end of text, max_tokens or the `limits.run_ahead` cap;
+`base` has no junctions and runs ahead the most. The gateway then commits the steps one by
+one as if each had come in its own tick (`Engine._ran_ahead`): each gets its own event,
+stop strings and max_tokens are checked per step, and steps past a stop (or of a cancelled
+request) are dropped; the request then ends, and closing it frees the runner's copy of them
+(its KV cache and text), so nothing needs rolling back. Sampling uses the runner's
+per-request generator in the same order either way, and a call's rounds batch the same
+sequences as the same steps taken one call at a time would, so seeded outputs are equal.
+
+Why not Ray's Compiled Graphs: they cut the cost of each actor call, not the number of
+calls; they pin an actor to one compiled graph (the open/close/step/score methods and the
+supervisor's restart-and-replay would each need their own), and they do not survive an
+actor restart. Run-ahead removes most calls instead and works the same in process and over
+Ray. (Measured: see BENCHMARKS.md, "Per-token overhead".)
+"""
+
+from __future__ import annotations
+
+from gateway.sequence import Sequence
+from shared.config import VALUE_POLICIES
+from shared.types import RunAhead
+
+
+def run_ahead(seq: Sequence, threshold: float | None, limit: int) -> RunAhead | None:
+    """How far this request's base may run ahead in its next call; None = one step.
+
+    `threshold` is SIA's H when it stays fixed during the call (the request's own or a
+    calibrated one); None when it is the server-wide running quantile, which moves with
+    every step of every request, so the runner could not apply the gateway's test.
+    """
+    policy = seq.policy
+    if limit == 0 or seq.req.driver != "base" or threshold is None:
+        return None
+    if policy.policy in VALUE_POLICIES and policy.sia_decode != "request":
+        return None  # the gateway draws from the top-k between junctions, not the runner
+    steps = min(1 + limit, seq.req.sampling.max_tokens - seq.stopping.tokens)
+    if steps <= 1:
+        return None
+    return RunAhead(steps=steps, policy=policy.policy, threshold=threshold, tau=policy.tau)
