@@ -196,10 +196,19 @@ class Engine:
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Events of a request as they happen, ending with its result."""
+        async for items in self.bursts(seq):
+            for item in items:
+                yield item
+
+    async def bursts(self, seq: Sequence) -> AsyncIterator[list[TokenEvent | GenerationResult]]:
+        """The same events, in the groups they were queued in (a run-ahead's steps come at
+        once), so a stream can send each group in one write; the last ends with the result."""
         while True:
-            item = await seq.events.get()
-            yield item
-            if isinstance(item, GenerationResult):
+            items = [await seq.events.get()]
+            while not seq.events.empty():
+                items.append(seq.events.get_nowait())
+            yield items
+            if isinstance(items[-1], GenerationResult):
                 return
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
