@@ -371,7 +371,7 @@ class Engine:
                         append=s.unseen(role),
                         logprobs=s.req.sampling.logprobs,
                         entropy_k=s.policy.entropy_k,
-                        ahead=run_ahead(s, self._fixed_threshold(s.policy), self.limits.run_ahead),
+                        ahead=run_ahead(s, self._fixed_threshold(s.policy), self.limits),
                     )
                     for s in group
                 ]

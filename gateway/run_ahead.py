@@ -22,23 +22,24 @@ Ray. (Measured: see BENCHMARKS.md, "Per-token overhead".)
 from __future__ import annotations
 
 from gateway.sequence import Sequence
-from shared.config import VALUE_POLICIES
+from shared.config import VALUE_POLICIES, Limits
 from shared.types import RunAhead
 
 
-def run_ahead(seq: Sequence, threshold: float | None, limit: int) -> RunAhead | None:
+def run_ahead(seq: Sequence, threshold: float | None, limits: Limits) -> RunAhead | None:
     """How far this request's base may run ahead in its next call; None = one step.
 
     `threshold` is SIA's H when it stays fixed during the call (the request's own or a
     calibrated one); None when it is the server-wide running quantile, which moves with
-    every step of every request, so the runner could not apply the gateway's test.
+    every step of every request, so the runner could not apply the gateway's test. The call
+    takes at most 1 + `limits.run_ahead` steps, and starts none after `run_ahead_ms`.
     """
     policy = seq.policy
-    if limit == 0 or seq.req.driver != "base" or threshold is None:
+    if limits.run_ahead == 0 or seq.req.driver != "base" or threshold is None:
         return None
     if policy.policy in VALUE_POLICIES and policy.sia_decode != "request":
         return None  # the gateway draws from the top-k between junctions, not the runner
-    steps = min(1 + limit, seq.req.sampling.max_tokens - seq.stopping.tokens)
+    steps = min(1 + limits.run_ahead, seq.req.sampling.max_tokens - seq.stopping.tokens)
     if steps <= 1:
         return None
-    return RunAhead(steps=steps, policy=policy.policy, threshold=threshold, tau=policy.tau)
+    return RunAhead(steps, policy.policy, threshold, policy.tau, limits.run_ahead_ms / 1000)

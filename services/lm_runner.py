@@ -13,6 +13,7 @@ new prompts in one left-padded prefill, so a forward never pays for padding insi
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class LMRunner:
         A sequence that cannot be served (its commits, its forward or its sampling fail) gets a
         Failure in its place; the others are served as if it had not been there.
         """
+        started = time.perf_counter()
         by_id = {r.seq_id: r for r in reqs}
         processed: dict[str, int] = {}
 
@@ -150,13 +152,13 @@ class LMRunner:
             failed |= self._forward([r.seq_id for r in stepping])
             ok = [r for r in stepping if r.seq_id not in failed]
             summaries = self._summarize(self._logits_of([r.seq_id for r in ok]), ok) if ok else []
-            stepping = []
+            stepping, taken = [], time.perf_counter() - started
             for req, summary in zip(ok, summaries, strict=True):
                 if isinstance(summary, Failure):
                     failed[req.seq_id] = summary
                     continue
                 summary.processed = processed.pop(req.seq_id, 1)  # later rounds run one token
-                if self._keeps_going(req, summary, len(earlier[req.seq_id])):
+                if self._keeps_going(req, summary, len(earlier[req.seq_id]), taken):
                     earlier[req.seq_id].append(summary)
                     stepping.append(req)
                 else:
@@ -164,11 +166,14 @@ class LMRunner:
                     served[req.seq_id] = summary
         return [served.get(r.seq_id) or failed[r.seq_id] for r in reqs]
 
-    def _keeps_going(self, req: StepRequest, step: StepResult, taken: int) -> bool:
+    def _keeps_going(self, req: StepRequest, step: StepResult, steps: int, seconds: float) -> bool:
         """Run ahead past this step? Then its sampled token is committed here, as the gateway
-        would commit it: the step is no junction, not the end of text, and within the cap."""
+        would commit it: the step is no junction, not the end of text, and within the caps
+        (`steps` taken before this one, `seconds` since the call began)."""
         ahead = req.ahead
-        if ahead is None or taken + 1 >= ahead.steps or step.sampled_text == EOS_TEXT:
+        if ahead is None or steps + 1 >= ahead.steps or seconds >= ahead.seconds:
+            return False
+        if step.sampled_text == EOS_TEXT:
             return False
         top = step.top
         if not step.mid_char and junction_kind(

@@ -6,6 +6,7 @@ tensors never appear in these types, so they never leave a worker process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # The text key an end-of-sequence candidate carries in string-keyed distributions. Real text
@@ -45,7 +46,9 @@ class RunAhead:
 
     The runner keeps its own sampled token and steps again while the step is no junction
     (`shared.steering.junction_kind` with these settings; never inside an unfinished UTF-8
-    character), its token is not the end of text, and fewer than `steps` steps were taken.
+    character), its token is not the end of text, fewer than `steps` steps were taken, and
+    the call has taken less than `seconds` (checked once per round, so a call's sequences stop
+    together, as they would step together one call at a time).
     Only for requests whose every non-junction step commits the runner's own token.
     """
 
@@ -53,6 +56,7 @@ class RunAhead:
     policy: str  # the name of the junction test in `shared.steering.JUNCTION_TESTS`
     threshold: float  # SIA's entropy threshold H, resolved by the gateway (fixed for the call)
     tau: float  # the confidence threshold
+    seconds: float = math.inf  # no step starts once the call has taken this long
 
 
 @dataclass(slots=True)

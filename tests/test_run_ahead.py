@@ -30,6 +30,11 @@ workers = test_engine.workers  # the same fixture: a tiny Gemma base, a tiny Lla
 STEP_BY_STEP = Limits(run_ahead=0)
 
 
+def tokens_only(run_ahead: int) -> Limits:
+    """Bursts bounded by tokens alone (not by `run_ahead_ms`), so they can be counted."""
+    return Limits(run_ahead=run_ahead, run_ahead_ms=60_000.0)
+
+
 class CountingRunner(LMRunner):
     """A real LM runner that counts its `step` calls (the gateway's round trips)."""
 
@@ -124,7 +129,7 @@ def test_seeded_requests_are_the_same_run_ahead_or_step_by_step(workers, run_ahe
 
 def test_run_ahead_takes_one_call_per_burst(workers):
     workers = counting(workers)
-    (result,) = run(workers, request("base", max_tokens=16), limits=Limits(run_ahead=7))
+    (result,) = run(workers, request("base", max_tokens=16), limits=tokens_only(7))
     assert workers["base"].calls == 2  # 8 + 8 tokens
     (alone,) = run(workers, request("base", max_tokens=16), limits=STEP_BY_STEP)
     assert workers["base"].calls == 2 + 16
@@ -133,7 +138,7 @@ def test_run_ahead_takes_one_call_per_burst(workers):
 
 def test_max_tokens_is_never_passed_and_nothing_past_it_is_decoded(workers):
     workers = counting(workers)
-    (result,) = run(workers, request("base", max_tokens=10), limits=Limits(run_ahead=4))
+    (result,) = run(workers, request("base", max_tokens=10), limits=tokens_only(4))
     prompt = workers["base"].count_prompt("the cat sat on")
     assert (result.finish_reason, result.completion_tokens, result.steps) == ("length", 10, 10)
     assert workers["base"].calls == 2  # 5 + 5
@@ -164,7 +169,7 @@ def test_a_stop_string_inside_a_burst_drops_the_rest_and_frees_the_runner(worker
 
 def test_cancel_mid_burst_drops_the_burst_in_flight_and_frees_the_caches(workers):
     async def main():
-        async with started(workers, Limits(run_ahead=4)) as engine:
+        async with started(workers, tokens_only(4)) as engine:
             seq = await engine.submit(request("base", max_tokens=200))
             items = []
             async for item in engine.stream(seq):
@@ -193,6 +198,7 @@ def test_cancel_mid_burst_drops_the_burst_in_flight_and_frees_the_caches(workers
         (RunAhead(steps=5, policy="sia", threshold=0.0, tau=0.0), 0),
         (RunAhead(steps=5, policy="sia", threshold=100.0, tau=0.0), 4),
         (RunAhead(steps=5, policy="dense", threshold=100.0, tau=0.0), 0),
+        (RunAhead(steps=5, policy="base", threshold=0.0, tau=0.0, seconds=0.0), 0),  # time's up
     ],
 )
 def test_the_runner_runs_ahead_until_a_junction_or_the_cap(workers, ahead, earlier):
