@@ -4,7 +4,8 @@ Between junctions the gateway only commits the base's own sampled token, and the
 test is a pure function of the step's summary (`shared.steering.JUNCTION_TESTS`). So the
 base runner can apply the test itself and keep stepping, and one round trip carries every
 step up to the next junction, the end of text, max_tokens or the `limits.run_ahead` cap;
-`base` has no junctions and runs ahead the most. The gateway then commits the steps one by
+`base` has no junctions and runs ahead the most. A request's first step comes alone, so
+the time to its first token does not wait for a burst. The gateway then commits the steps one by
 one as if each had come in its own tick (`Engine._ran_ahead`): each gets its own event,
 stop strings and max_tokens are checked per step, and steps past a stop (or of a cancelled
 request) are dropped; the request then ends, and closing it frees the runner's copy of them
@@ -37,6 +38,8 @@ def run_ahead(seq: Sequence, threshold: float | None, limits: Limits) -> RunAhea
     policy = seq.policy
     if limits.run_ahead == 0 or seq.req.driver != "base" or threshold is None:
         return None
+    if seq.steps == 0:
+        return None  # the first token streams as soon as it exists: time to first token
     if policy.policy in VALUE_POLICIES and policy.sia_decode != "request":
         return None  # the gateway draws from the top-k between junctions, not the runner
     steps = min(1 + limits.run_ahead, seq.req.sampling.max_tokens - seq.stopping.tokens)
