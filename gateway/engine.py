@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gateway.pieces import at_answer_start, piece_for, spaced_for_base, step_logprobs
 from gateway.run_ahead import run_ahead
 from gateway.sequence import GenerationRequest, Sequence, Status
 from gateway.stopping import Stopping
@@ -36,7 +37,6 @@ from shared.config import VALUE_POLICIES, Limits, PolicyConfig
 from shared.prompts import base_prompt_text, transcript_stops
 from shared.steering import (
     EntropyWindow,
-    answer_start,
     blendin_choose,
     junction_kind,
     sia_choose,
@@ -44,14 +44,12 @@ from shared.steering import (
 )
 from shared.types import (
     EOS_TEXT,
-    LOGPROB_FLOOR,
     Commit,
     Failure,
     GenerationResult,
     ModelInfo,
     ScoreRequest,
     ScoreResult,
-    StepLogprobs,
     StepRequest,
     StepResult,
     TokenEvent,
@@ -486,7 +484,7 @@ class Engine:
         elif kind == "guidance" and seq.id in blends:
             guide = blends[seq.id]
             seq.work["guidance_tokens"] += guide.processed
-            at_start = _at_answer_start(seq)
+            at_start = at_answer_start(seq)
             text, alpha = blendin_choose(
                 top.texts,
                 [math.exp(lp) for lp in top.logprobs],
@@ -496,17 +494,17 @@ class Engine:
                 alpha=policy.alpha,
                 at_start=at_start,
             )
-            piece = _piece_for(text, top, seq.families["base"], guide, seq.families["guidance"])
+            piece = piece_for(text, top, seq.families["base"], guide, seq.families["guidance"])
             if at_start and text not in top.texts:
-                piece = _spaced_for_base(seq, piece)
+                piece = spaced_for_base(seq, piece)
             source, eos = "guidance", text == EOS_TEXT
         elif kind == "guidance" and seq.id in words:
             word = words[seq.id]
             seq.work["guidance_tokens"] += word.processed
             if word.commit.ids:
                 piece, tokens = word.commit, len(word.commit.ids)
-                if _at_answer_start(seq):
-                    piece = _spaced_for_base(seq, piece)
+                if at_answer_start(seq):
+                    piece = spaced_for_base(seq, piece)
                 seq.nudges.nudged(piece.text, word.next_text)
             elif word.eos:
                 piece = Commit(EOS_TEXT)
@@ -608,47 +606,3 @@ class Engine:
         for seq in done:
             if self.live.pop(seq.id, None) is not None:
                 self.observer.on_finish(seq, seq.result())
-
-
-def step_logprobs(step: StepResult, piece: Commit, eos: bool) -> StepLogprobs:
-    """The driver's log-probabilities at a step, for the piece that was committed."""
-    top = step.top
-    text = EOS_TEXT if eos else piece.text
-    sampled = piece.ids == (step.sampled_id,) and text == step.sampled_text
-    if sampled and step.sampled_logprob is not None:
-        logprob = step.sampled_logprob
-    elif text in top.texts:
-        logprob = top.logprobs[top.texts.index(text)]
-    else:  # a guidance model's piece the driver did not offer
-        logprob = LOGPROB_FLOOR
-    return StepLogprobs(text, logprob, list(step.top_logprobs or []))
-
-
-def _at_answer_start(seq: Sequence) -> bool:
-    """No text has been committed yet: the next piece is the first of the answer."""
-    return not any(c.text for c in seq.commits)
-
-
-def _spaced_for_base(seq: Sequence, piece: Commit) -> Commit:
-    """A guidance piece that opens the answer, spaced for the base prompt it follows.
-
-    The guidance model keeps its own ids (its chat turn needs no space); the text, which the
-    base and every other runner encode, gets the space the base prompt needs (`answer_start`).
-    """
-    prompt = base_prompt_text(seq.req.prompt, seq.req.messages)
-    text = answer_start(piece.text, prompt_ends_in_space=not prompt or prompt[-1].isspace())
-    if text == piece.text:
-        return piece
-    if piece.family == seq.families["base"]:
-        return Commit(text)  # the base would take the ids as they are: let it encode the text
-    return Commit(text, piece.ids, piece.family)
-
-
-def _piece_for(
-    text: str, base: Any, base_family: str, guide: StepResult, guide_family: str
-) -> Commit:
-    """The commit for a blended choice: a base token when the base offered that string."""
-    if text in base.texts:
-        return Commit(text, (base.ids[base.texts.index(text)],), base_family)
-    gtop = guide.top
-    return Commit(text, (gtop.ids[gtop.texts.index(text)],), guide_family)
