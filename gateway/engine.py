@@ -9,6 +9,8 @@ One tick, for all live requests at once:
   4. each request commits its choice, streams an event and counts it; finished or cancelled
      requests free their caches on every worker.
 Workers are reached through handles (`services.handles`): in-process runners or Ray actors.
+Between junctions the base may run ahead several steps in one call (`gateway.run_ahead`);
+those steps are committed first, one by one, as ticks of their own would commit them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
+from gateway.pieces import at_answer_start, piece_for, spaced_for_base, step_logprobs
+from gateway.run_ahead import run_ahead
 from gateway.sequence import GenerationRequest, Sequence, Status
 from gateway.stopping import Stopping
 from gateway.supervision import RETRY_SECONDS, Supervisor
@@ -33,7 +37,6 @@ from shared.config import VALUE_POLICIES, Limits, PolicyConfig
 from shared.prompts import base_prompt_text, transcript_stops
 from shared.steering import (
     EntropyWindow,
-    answer_start,
     blendin_choose,
     junction_kind,
     sia_choose,
@@ -41,14 +44,12 @@ from shared.steering import (
 )
 from shared.types import (
     EOS_TEXT,
-    LOGPROB_FLOOR,
     Commit,
     Failure,
     GenerationResult,
     ModelInfo,
     ScoreRequest,
     ScoreResult,
-    StepLogprobs,
     StepRequest,
     StepResult,
     TokenEvent,
@@ -193,10 +194,19 @@ class Engine:
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Events of a request as they happen, ending with its result."""
+        async for items in self.bursts(seq):
+            for item in items:
+                yield item
+
+    async def bursts(self, seq: Sequence) -> AsyncIterator[list[TokenEvent | GenerationResult]]:
+        """The same events, in the groups they were queued in (a run-ahead's steps come at
+        once), so a stream can send each group in one write; the last ends with the result."""
         while True:
-            item = await seq.events.get()
-            yield item
-            if isinstance(item, GenerationResult):
+            items = [await seq.events.get()]
+            while not seq.events.empty():
+                items.append(seq.events.get_nowait())
+            yield items
+            if isinstance(items[-1], GenerationResult):
                 return
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
@@ -323,10 +333,12 @@ class Engine:
         steps = await self._driver_steps(seqs)
         seqs = [s for s in seqs if s.id in steps]
         # A request whose own step raises fails alone (see _isolated); the others go on.
+        for s in seqs:
+            self._isolated(s, self._ran_ahead, s, steps[s.id])
+        seqs = [s for s in seqs if s.status is Status.RUNNING and not s.cancelled]
         kinds = {s.id: self._isolated(s, self._junction, s, steps[s.id]) for s in seqs}
         values, blends, words = await self._consult(seqs, steps, kinds)
         for s in seqs:
-            s.work[f"{s.req.driver}_tokens"] += steps[s.id].processed
             if s.status is Status.RUNNING and not s.lost:
                 self._isolated(s, self._advance, s, steps[s.id], kinds[s.id], values, blends, words)
         await self._reap()
@@ -357,12 +369,32 @@ class Engine:
                         append=s.unseen(role),
                         logprobs=s.req.sampling.logprobs,
                         entropy_k=s.policy.entropy_k,
+                        ahead=run_ahead(s, self._fixed_threshold(s.policy), self.limits),
                     )
                     for s in group
                 ]
                 calls[role] = (group, reqs)
         results = await self._batched_calls({r: ("step", c) for r, c in calls.items()})
         return {res.seq_id: res for group in results.values() for res in group}
+
+    def _ran_ahead(self, seq: Sequence, step: StepResult) -> None:
+        """Step 1, continued: commit the steps the driver ran ahead on its own, in order, as
+        `_advance` commits a step without a junction (the driver already holds their tokens).
+
+        Past a stop, max_tokens or a cancel the rest is dropped: the request is over, and
+        closing it frees the driver's copy.
+        """
+        seq.work[f"{seq.req.driver}_tokens"] += step.processed + sum(
+            e.processed for e in step.earlier
+        )
+        for earlier in step.earlier:
+            if seq.status is not Status.RUNNING or seq.cancelled:
+                return
+            if self._junction(seq, earlier) is not None:  # the runner applies the same test
+                raise RuntimeError("the driver ran ahead past a junction")
+            self._advance(seq, earlier, None, {}, {}, {})
+        if step.earlier:
+            seq.synced[seq.req.driver] = len(seq.commits)
 
     def _junction(self, seq: Sequence, step: StepResult) -> str | None:
         """Step 2: the policy's junction test (`shared.steering.JUNCTION_TESTS`) for this step."""
@@ -377,14 +409,20 @@ class Engine:
     def _entropy_threshold(self, policy: PolicyConfig) -> float:
         """SIA's H: the request's own; for a target_ratio the calibrated one, else the
         server-wide running quantile (never a per-request quota)."""
+        fixed = self._fixed_threshold(policy)
+        if fixed is not None:
+            return fixed
+        return self.entropies[policy.entropy_k].threshold(policy.target_ratio)
+
+    def _fixed_threshold(self, policy: PolicyConfig) -> float | None:
+        """H when it stays put from step to step (the request's own, or calibrated); None
+        when it is the running quantile."""
         ratio = policy.target_ratio
         if ratio is None:
             return policy.entropy_threshold
         if self.calibration is not None and self.calibration.k == policy.entropy_k:
-            calibrated = self.calibration.threshold(ratio)
-            if calibrated is not None:
-                return calibrated
-        return self.entropies[policy.entropy_k].threshold(ratio)
+            return self.calibration.threshold(ratio)
+        return None
 
     async def _consult(
         self, seqs: list[Sequence], steps: dict[str, StepResult], kinds: dict[str, str | None]
@@ -446,7 +484,7 @@ class Engine:
         elif kind == "guidance" and seq.id in blends:
             guide = blends[seq.id]
             seq.work["guidance_tokens"] += guide.processed
-            at_start = _at_answer_start(seq)
+            at_start = at_answer_start(seq)
             text, alpha = blendin_choose(
                 top.texts,
                 [math.exp(lp) for lp in top.logprobs],
@@ -456,17 +494,17 @@ class Engine:
                 alpha=policy.alpha,
                 at_start=at_start,
             )
-            piece = _piece_for(text, top, seq.families["base"], guide, seq.families["guidance"])
+            piece = piece_for(text, top, seq.families["base"], guide, seq.families["guidance"])
             if at_start and text not in top.texts:
-                piece = _spaced_for_base(seq, piece)
+                piece = spaced_for_base(seq, piece)
             source, eos = "guidance", text == EOS_TEXT
         elif kind == "guidance" and seq.id in words:
             word = words[seq.id]
             seq.work["guidance_tokens"] += word.processed
             if word.commit.ids:
                 piece, tokens = word.commit, len(word.commit.ids)
-                if _at_answer_start(seq):
-                    piece = _spaced_for_base(seq, piece)
+                if at_answer_start(seq):
+                    piece = spaced_for_base(seq, piece)
                 seq.nudges.nudged(piece.text, word.next_text)
             elif word.eos:
                 piece = Commit(EOS_TEXT)
@@ -568,47 +606,3 @@ class Engine:
         for seq in done:
             if self.live.pop(seq.id, None) is not None:
                 self.observer.on_finish(seq, seq.result())
-
-
-def step_logprobs(step: StepResult, piece: Commit, eos: bool) -> StepLogprobs:
-    """The driver's log-probabilities at a step, for the piece that was committed."""
-    top = step.top
-    text = EOS_TEXT if eos else piece.text
-    sampled = piece.ids == (step.sampled_id,) and text == step.sampled_text
-    if sampled and step.sampled_logprob is not None:
-        logprob = step.sampled_logprob
-    elif text in top.texts:
-        logprob = top.logprobs[top.texts.index(text)]
-    else:  # a guidance model's piece the driver did not offer
-        logprob = LOGPROB_FLOOR
-    return StepLogprobs(text, logprob, list(step.top_logprobs or []))
-
-
-def _at_answer_start(seq: Sequence) -> bool:
-    """No text has been committed yet: the next piece is the first of the answer."""
-    return not any(c.text for c in seq.commits)
-
-
-def _spaced_for_base(seq: Sequence, piece: Commit) -> Commit:
-    """A guidance piece that opens the answer, spaced for the base prompt it follows.
-
-    The guidance model keeps its own ids (its chat turn needs no space); the text, which the
-    base and every other runner encode, gets the space the base prompt needs (`answer_start`).
-    """
-    prompt = base_prompt_text(seq.req.prompt, seq.req.messages)
-    text = answer_start(piece.text, prompt_ends_in_space=not prompt or prompt[-1].isspace())
-    if text == piece.text:
-        return piece
-    if piece.family == seq.families["base"]:
-        return Commit(text)  # the base would take the ids as they are: let it encode the text
-    return Commit(text, piece.ids, piece.family)
-
-
-def _piece_for(
-    text: str, base: Any, base_family: str, guide: StepResult, guide_family: str
-) -> Commit:
-    """The commit for a blended choice: a base token when the base offered that string."""
-    if text in base.texts:
-        return Commit(text, (base.ids[base.texts.index(text)],), base_family)
-    gtop = guide.top
-    return Commit(text, (gtop.ids[gtop.texts.index(text)],), guide_family)

@@ -13,6 +13,7 @@ new prompts in one left-padded prefill, so a forward never pays for padding insi
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from services.kv import checkpoint, rollback, slice_row, stack_rows
 from shared.bridge import TokenText
 from shared.models import LoadedModel
 from shared.prompts import build_prompt_ids
-from shared.steering import topk_entropy, word_finished
+from shared.steering import junction_kind, topk_entropy, word_finished
 from shared.types import (
     EOS_TEXT,
     Candidates,
@@ -129,9 +130,12 @@ class LMRunner:
     def step(self, reqs: list[StepRequest]) -> list[StepResult | Failure]:
         """Apply each request's commits, run what is pending, return each top-k summary.
 
+        A request with `ahead` may take several steps in this one call (see `_keeps_going`):
+        the steps before the one returned come back in its `earlier`, in order.
         A sequence that cannot be served (its commits, its forward or its sampling fail) gets a
         Failure in its place; the others are served as if it had not been there.
         """
+        started = time.perf_counter()
         by_id = {r.seq_id: r for r in reqs}
         processed: dict[str, int] = {}
 
@@ -139,16 +143,47 @@ class LMRunner:
             processed[seq_id] = self._apply(seq_id, by_id[seq_id].append)
 
         failed = _each(list(by_id), apply)
-        failed |= self._forward([s for s in by_id if s not in failed])
-        ok = [r for r in reqs if r.seq_id not in failed]
-        served: dict[str, StepResult | Failure] = {}
-        if ok:
-            summaries = self._summarize(self._logits_of([r.seq_id for r in ok]), ok)
-            served = {r.seq_id: summary for r, summary in zip(ok, summaries, strict=True)}
-        for summary in served.values():
-            if isinstance(summary, StepResult):
-                summary.processed = processed[summary.seq_id]
+        served: dict[str, StepResult] = {}
+        earlier: dict[str, list[StepResult]] = {s: [] for s in by_id}
+        stepping = [r for r in reqs if r.seq_id not in failed]
+        # Each round is one batched forward of the sequences still running ahead, so a call
+        # that runs ahead batches exactly as the same steps taken one call at a time would.
+        while stepping:
+            failed |= self._forward([r.seq_id for r in stepping])
+            ok = [r for r in stepping if r.seq_id not in failed]
+            summaries = self._summarize(self._logits_of([r.seq_id for r in ok]), ok) if ok else []
+            stepping, taken = [], time.perf_counter() - started
+            for req, summary in zip(ok, summaries, strict=True):
+                if isinstance(summary, Failure):
+                    failed[req.seq_id] = summary
+                    continue
+                summary.processed = processed.pop(req.seq_id, 1)  # later rounds run one token
+                if self._keeps_going(req, summary, len(earlier[req.seq_id]), taken):
+                    earlier[req.seq_id].append(summary)
+                    stepping.append(req)
+                else:
+                    summary.earlier = earlier[req.seq_id]
+                    served[req.seq_id] = summary
         return [served.get(r.seq_id) or failed[r.seq_id] for r in reqs]
+
+    def _keeps_going(self, req: StepRequest, step: StepResult, steps: int, seconds: float) -> bool:
+        """Run ahead past this step? Then its sampled token is committed here, as the gateway
+        would commit it: the step is no junction, not the end of text, and within the caps
+        (`steps` taken before this one, `seconds` since the call began)."""
+        ahead = req.ahead
+        if ahead is None or steps + 1 >= ahead.steps or seconds >= ahead.seconds:
+            return False
+        if step.sampled_text == EOS_TEXT:
+            return False
+        top = step.top
+        if not step.mid_char and junction_kind(
+            ahead.policy, top.entropy, top.top1_prob, ahead.threshold, ahead.tau
+        ):
+            return False
+        seq = self.seqs[req.seq_id]
+        seq.text.push(step.sampled_id)
+        seq.pending.append(step.sampled_id)
+        return True
 
     @torch.inference_mode()
     def write_words(self, reqs: list[WordRequest]) -> list[WordResult | Failure]:

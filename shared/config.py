@@ -171,6 +171,14 @@ class Limits:
     # How long a request waits for a restarting worker, and a worker may stay silent, before
     # the request fails and the role is declared down (a new worker is then started).
     recovery_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Tokens the base may decode past the step it returns, in one call, between junctions
+    # (`base` never has one): fewer gateway-worker round trips per token. 0 = one step per
+    # call. A client receives a burst of tokens at a time (each its own event) and new
+    # requests join the batch between calls, so a call also stops running ahead once it has
+    # taken `run_ahead_ms`: on a fast model (a GPU, where a round trip is a large share of a
+    # step) the token cap binds, on a slow one the streaming delay stays about that long.
+    run_ahead: Annotated[int, Field(ge=0)] = 8
+    run_ahead_ms: Annotated[float, Field(gt=0)] = 100.0
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ tensors never appear in these types, so they never leave a worker process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # The text key an end-of-sequence candidate carries in string-keyed distributions. Real text
@@ -39,6 +40,25 @@ class Candidates:
     top1_prob: float  # full-vocabulary probability of the most likely token
 
 
+@dataclass(slots=True, frozen=True)
+class RunAhead:
+    """How far a driver runner may decode on its own within one call (fewer round trips).
+
+    The runner keeps its own sampled token and steps again while the step is no junction
+    (`shared.steering.junction_kind` with these settings; never inside an unfinished UTF-8
+    character), its token is not the end of text, fewer than `steps` steps were taken, and
+    the call has taken less than `seconds` (checked once per round, so a call's sequences stop
+    together, as they would step together one call at a time).
+    Only for requests whose every non-junction step commits the runner's own token.
+    """
+
+    steps: int  # the most steps this call may take, counting the one it returns (>= 1)
+    policy: str  # the name of the junction test in `shared.steering.JUNCTION_TESTS`
+    threshold: float  # SIA's entropy threshold H, resolved by the gateway (fixed for the call)
+    tau: float  # the confidence threshold
+    seconds: float = math.inf  # no step starts once the call has taken this long
+
+
 @dataclass(slots=True)
 class StepRequest:
     """Advance one sequence of a language-model runner by one batched step."""
@@ -50,6 +70,7 @@ class StepRequest:
     append: list[Commit] = field(default_factory=list)  # committed since this runner's last call
     logprobs: int | None = None  # also return the sampled token's and this many top logprobs
     entropy_k: int | None = None  # the entropy's top-k width when not k (hybrid: SIA's 10)
+    ahead: RunAhead | None = None  # may decode several steps in this call (see RunAhead)
 
 
 @dataclass(slots=True)
@@ -62,6 +83,9 @@ class StepResult:
     processed: int  # tokens the model ran through its forward pass for this request (work)
     sampled_logprob: float | None = None  # only when the request asked for logprobs
     top_logprobs: list[tuple[str, float]] | None = None  # (text, logprob), as asked for
+    # Steps the runner took on its own before this one (`StepRequest.ahead`), in order: each
+    # committed its sampled token, which the runner's sequence already holds.
+    earlier: list[StepResult] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -301,6 +301,18 @@ def test_generate_stream_events(client: httpx.Client) -> None:
     assert client.post("/v1/generate", json=body).json() == summary  # same greedy request
 
 
+def test_a_run_ahead_burst_streams_in_one_chunk_with_an_event_per_token(
+    client: httpx.Client,
+) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 12, "policy": "base"}  # the base runs ahead
+    with client.stream("POST", "/v1/generate_stream", json=body) as response:
+        chunks = [c for c in response.iter_raw() if c.strip() and not c.startswith(b":")]
+    per_chunk = [c.count(b"event: token") for c in chunks]
+    assert max(per_chunk) > 1  # a burst, written at once
+    assert sum(per_chunk) == 12  # still one SSE event per token
+    assert b"event: summary" in chunks[-1]
+
+
 # --------------------------------------------------------------------- OpenAI-compatible
 def test_openai_completions(oai: openai.OpenAI, client: httpx.Client) -> None:
     native = client.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 10}).json()

@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -25,7 +28,10 @@ import ray
 import yaml
 
 from gateway.app import create_app
-from shared.config import JunctionConfig, Limits, ModelSpec
+from gateway.engine import Engine
+from gateway.local import local_handles
+from gateway.sequence import GenerationRequest
+from shared.config import JunctionConfig, Limits, ModelSpec, PolicyConfig, SamplingParams
 from tests.test_api import PROMPT, Server, free_port, sse, wait_for
 
 RECOVERY_SECONDS = 1.0  # how long a request waits for its worker before it fails
@@ -65,6 +71,61 @@ def answers(actor) -> bool:
     except Exception:  # noqa: BLE001 - restarting, or dead
         time.sleep(0.1)
         return False
+
+
+def test_served_over_ray_with_run_ahead_equals_the_in_process_loop_step_by_step(
+    ray_server, ray_config
+):
+    """The actors run ahead (the default `limits.run_ahead`); the same seeded requests on
+    in-process runners taking one step per call give the same text, steps and junctions,
+    and every token still streams as its own event."""
+    local = replace(ray_config, limits=replace(ray_config.limits, run_ahead=0))
+    handles = local_handles(local, ("base", "guidance"), progress=False)
+
+    async def in_process(bodies: list[dict]) -> list[list]:
+        engine = Engine(handles, local.limits)
+        await engine.start()
+        try:
+            out = []
+            for body in bodies:
+                seq = await engine.submit(generation_request(body))
+                out.append([item async for item in engine.stream(seq)])
+            return out
+        finally:
+            await engine.close()
+
+    # τ = the base's median top-1 probability here: about half the BlendIn steps are junctions
+    (probe,) = asyncio.run(in_process([{"prompt": PROMPT, "max_tokens": 12, "policy": "base"}]))
+    tau = statistics.median(e.top1_prob for e in probe[:-1])
+    bodies = [
+        {"prompt": PROMPT, "max_tokens": 24, "policy": "base", "temperature": 1.0, "seed": 3},
+        {"prompt": PROMPT, "max_tokens": 24, "policy": "base"},
+        {"prompt": PROMPT, "max_tokens": 12, "policy": "blendin", "tau": tau, "seed": 5,
+         "temperature": 0.7},
+    ]
+    served = []
+    for body in bodies:
+        with httpx.stream("POST", f"{ray_server.url}/v1/generate_stream", json=body,
+                          timeout=60) as response:
+            events = list(sse(response))
+        tokens = [json.loads(data) for name, data in events if name == "token"]
+        summary = json.loads(events[-1][1])
+        assert len(tokens) == summary["junction"]["steps"]
+        assert "".join(t["text"] for t in tokens) == summary["text"]
+        served.append(summary)
+    for summary, items in zip(served, asyncio.run(in_process(bodies)), strict=True):
+        result = items[-1]
+        assert summary["text"] == result.text
+        assert summary["junction"]["steps"] == result.steps
+        assert summary["junction"]["interventions"] == result.interventions
+    assert 0 < served[2]["junction"]["interventions"] < served[2]["junction"]["steps"]
+
+
+def generation_request(body: dict) -> GenerationRequest:
+    options = {k: body[k] for k in ("tau",) if k in body}
+    sampling = {k: body[k] for k in ("max_tokens", "temperature", "seed") if k in body}
+    return GenerationRequest(prompt=body["prompt"], sampling=SamplingParams(**sampling),
+                             policy=PolicyConfig(policy=body["policy"], **options))
 
 
 def test_a_worker_dead_for_good_fails_its_request_is_reported_and_comes_back(ray_server):
