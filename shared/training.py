@@ -8,10 +8,17 @@ where an answer ends and an empty response still has one position. The head star
 constant predictor — weight 0, bias = mean training reward — so a validation loss below
 `constant_loss` is something the model learned — or, on request (`head_init="ridge"`), as the
 closed-form ridge fit of the frozen backbone's features (`ridge_head`), so LoRA gets gradients
-from the first step; on the implicit reward that start overfit (BENCHMARKS.md), hence not the
-default. Defaults are
-the reference's (lr 1e-4, 3 epochs, weight decay 1e-4), except the head's own smaller
-learning rate (see TrainSettings).
+from the first step. Defaults are the reference's (lr 1e-4, 3 epochs, weight decay 1e-4),
+except the head's own smaller learning rate (see TrainSettings).
+
+Per-position targets (this project's addition; the reference has trajectory rewards only):
+when a reward is a mean of per-token terms — the implicit reward is, exactly
+(`shared.implicit_reward.token_rewards`) — each response position also gets its own term as
+a target, and the loss adds `position_weight` × mean_t (V(x, y≤t) − r_t)². SIA's loss is zero
+at V_t = r_t, so this does not move its minimum; it tells the model which of the ~30 values
+averaged into R carries which part, where SIA's loss alone gives one number per response
+(BENCHMARKS.md measures both). And r_t is what SIA's choice needs at a junction: how much
+choosing candidate c adds to the reward. The validation loss is still SIA's alone.
 
 Resumable: after each epoch a checkpoint (trainable weights, optimizer, history) is written;
 epoch e shuffles with seed + e and reseeds dropout, so a resumed run repeats the same steps.

@@ -243,3 +243,25 @@ def test_implicit_reward_per_token_on_two_tokenizers(implicit_pair) -> None:
     stripped = PAIRS[0][1].lstrip()
     assert byte_ends(g_vocab, g_vocab.encode(stripped), 1)[-1] == len(PAIRS[0][1].encode())
     assert reward.score_tokens(["Q: Why?\nA:"], [""]) == ([0.0], [[]])
+
+
+def test_rescored_trajectories_keep_the_per_token_split(implicit_pair, tmp_path: Path) -> None:
+    """train-value --trajectories with the implicit reward stores each response's split,
+    which encode() turns into one target per response position (the end of sequence last,
+    at the reward)."""
+    from gateway.value_cli import _rescore
+    from shared.training import Trajectory, encode, load_trajectories, save_trajectories
+
+    base, guidance = implicit_pair
+    data = tmp_path / "prompts.txt"
+    data.write_text("".join(p.replace("\n", " ") + "\n" for p, _ in PAIRS))
+    rows = [Trajectory(p, r, 0.0, row=i) for i, (p, r) in enumerate(PAIRS)]
+    reward = ImplicitReward(base, guidance, progress=False)
+    rescored = _rescore(reward, rows, data)
+    save_trajectories(tmp_path / "t.jsonl", rescored)
+    for t in load_trajectories(tmp_path / "t.jsonl"):
+        assert t.token_rewards is not None
+        assert sum(t.token_rewards) / len(t.token_rewards) == pytest.approx(t.reward, abs=1e-5)
+        enc = encode(base.tokenizer, t)
+        assert enc.targets == pytest.approx([*t.token_rewards, t.reward])
+        assert len(enc.targets) == len(enc.ids) - enc.start
