@@ -168,12 +168,29 @@ def mean_stderr(values: Iterable[float]) -> dict:
     return {"mean": mean, "stderr": math.sqrt(var / n), "n": n}
 
 
+def item_value(key: str, item: dict) -> float | None:
+    """The per-item value behind summary metric `key` (None: the item does not count for it):
+    XSTest's rates count refusals on unsafe and compliance on safe prompts, GSM8K's accuracy
+    is `correct`, the other metrics are item fields of the same name."""
+    if key in ("refusal_rate_unsafe", "compliance_rate_safe"):
+        wanted = "unsafe" if key == "refusal_rate_unsafe" else "safe"
+        if item.get("label") != wanted or item.get("refused") is None:
+            return None
+        return float(item["refused"] if wanted == "unsafe" else not item["refused"])
+    value = item.get("correct" if key == "accuracy" else key)
+    return None if value is None else float(value)
+
+
 def paired_gain(items: Sequence[dict], base_items: Sequence[dict], key: str) -> dict:
-    """Mean ± standard error of (item[key] − base item[key]) over the rows both scored: the
-    same prompts under two policies, so the prompt-to-prompt spread cancels out of the s.e."""
-    base = {i["row"]: i.get(key) for i in base_items}
-    diffs = [float(i[key]) - float(base[i["row"]]) for i in items
-             if i.get(key) is not None and base.get(i["row"]) is not None]
+    """Mean ± standard error of (item value − base item value) for metric `key` over the rows
+    both scored: the same prompts under two policies, so the prompt-to-prompt spread cancels
+    out of the s.e."""
+    base = {i["row"]: item_value(key, i) for i in base_items}
+    diffs = []
+    for i in items:
+        mine, theirs = item_value(key, i), base.get(i["row"])
+        if mine is not None and theirs is not None:
+            diffs.append(mine - theirs)
     return mean_stderr(diffs)
 
 

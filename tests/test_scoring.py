@@ -226,3 +226,20 @@ def test_policy_options_hold_only_what_differs() -> None:
     assert policy_options(policy_from_spec("sia:target_ratio=0.2")) == {
         "policy": "sia", "target_ratio": 0.2,
     }
+
+
+def test_paired_gain_of_xstest_rates_and_gsm8k_accuracy() -> None:
+    """Metrics whose summary name is not an item field: XSTest's two rates each count their
+    own prompts, GSM8K's accuracy is `correct`."""
+    base = [{"row": 1, "label": "unsafe", "refused": False},
+            {"row": 2, "label": "unsafe", "refused": False},
+            {"row": 3, "label": "safe", "refused": False}]
+    other = [{"row": 1, "label": "unsafe", "refused": True},
+             {"row": 2, "label": "unsafe", "refused": False},
+             {"row": 3, "label": "safe", "refused": True}]
+    refusal = paired_gain(other, base, "refusal_rate_unsafe")
+    assert (refusal["mean"], refusal["n"]) == (0.5, 2)
+    compliance = paired_gain(other, base, "compliance_rate_safe")
+    assert (compliance["mean"], compliance["n"]) == (-1.0, 1)
+    gsm = paired_gain([{"row": 4, "correct": True}], [{"row": 4, "correct": False}], "accuracy")
+    assert (gsm["mean"], gsm["n"]) == (1.0, 1)
