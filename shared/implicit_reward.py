@@ -78,11 +78,6 @@ def mean_of(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def mean_logprobs(model, batch: Sequence[Scored], device: torch.device) -> list[float]:
-    """Per pair: the mean of `token_logprobs` (0.0 without response tokens)."""
-    return [mean_of(row) for row in token_logprobs(model, batch, device)]
-
-
 def byte_ends(vocab, ids: Sequence[int], start: int = 0) -> list[int]:
     """Where each token's text ends, in UTF-8 bytes from `start` (a metaspace vocabulary's
     "▁" is one space of text: 1 byte, not 3)."""
