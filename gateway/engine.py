@@ -330,14 +330,14 @@ class Engine:
             if self.live:  # every live request waits for a worker to come back
                 await asyncio.sleep(RETRY_SECONDS)
             return
-        steps = await self._driver_steps(seqs)
+        steps, early = await self._driver_steps(seqs)
         seqs = [s for s in seqs if s.id in steps]
         # A request whose own step raises fails alone (see _isolated); the others go on.
         for s in seqs:
             self._isolated(s, self._ran_ahead, s, steps[s.id])
         seqs = [s for s in seqs if s.status is Status.RUNNING and not s.cancelled]
         kinds = {s.id: self._isolated(s, self._junction, s, steps[s.id]) for s in seqs}
-        values, blends, words = await self._consult(seqs, steps, kinds)
+        values, blends, words = await self._consult(seqs, steps, kinds, early)
         for s in seqs:
             if s.status is Status.RUNNING and not s.lost:
                 self._isolated(s, self._advance, s, steps[s.id], kinds[s.id], values, blends, words)
@@ -354,8 +354,14 @@ class Engine:
             seq.finish("error", error=f"{policy} step {index} failed: {one_line(exc)}")
             return None
 
-    async def _driver_steps(self, seqs: list[Sequence]) -> dict[str, StepResult]:
-        """Step 1: one batched step per driver model."""
+    async def _driver_steps(
+        self, seqs: list[Sequence]
+    ) -> tuple[dict[str, StepResult], dict[str, StepResult]]:
+        """Step 1: one batched step per driver model; with it, the guidance's step for the
+        requests likely to meet a confidence junction now (`_overlapped`).
+
+        Returns the driver steps and those early guidance steps, both by request id.
+        """
         calls = {}
         for role in ("base", "guidance"):
             group = [s for s in seqs if s.req.driver == role]
@@ -374,8 +380,41 @@ class Engine:
                     for s in group
                 ]
                 calls[role] = (group, reqs)
+        ahead = self._overlapped(seqs)
+        if ahead:
+            calls["guidance/early"] = (ahead, [self._guidance_step(s) for s in ahead])
         results = await self._batched_calls({r: ("step", c) for r, c in calls.items()})
-        return {res.seq_id: res for group in results.values() for res in group}
+        early = {res.seq_id: res for res in results.pop("guidance/early", [])}
+        return {res.seq_id: res for group in results.values() for res in group}, early
+
+    def _overlapped(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The BlendIn/hybrid requests whose guidance steps together with the base this tick.
+
+        A confidence junction needs the guidance's next-token summary at the same text as the
+        base's step, which does not depend on that step: only whether it is used does. So
+        right after a confidence junction (they come in runs: the base stays unsure for a
+        while) the guidance steps in the same round as the base, and the junction costs the
+        slower call instead of the sum of both. Its answer is used only if this step is a
+        confidence junction and the base did not run ahead past it (`_consult`); otherwise
+        the guidance has only caught up with the text early, which it does at its next
+        junction anyway, and the work is counted. Deterministic: the guidance's step is the
+        same call at the same text either way (greedy summary, no random draw). Only where
+        the two workers run in parallel (`Handle.parallel`: Ray actors, not in-process
+        threads, which share one interpreter lock and took longer together than in turn).
+        """
+        together = [getattr(self.workers.get(r), "parallel", False) for r in ("base", "guidance")]
+        if not self.limits.overlap_guidance or not all(together):
+            return []
+        return [
+            s for s in seqs
+            if s.last_kind == "guidance" and s.req.driver == "base"
+            and s.policy.policy in ("blendin", "hybrid") and "guidance" not in s.lost
+        ]
+
+    @staticmethod
+    def _guidance_step(seq: Sequence) -> StepRequest:
+        """BlendIn's guidance call: its top-k at the shared text, the unseen text appended."""
+        return StepRequest(seq.id, k=seq.policy.top_k, append=seq.unseen("guidance"))
 
     def _ran_ahead(self, seq: Sequence, step: StepResult) -> None:
         """Step 1, continued: commit the steps the driver ran ahead on its own, in order, as
@@ -425,22 +464,30 @@ class Engine:
         return None
 
     async def _consult(
-        self, seqs: list[Sequence], steps: dict[str, StepResult], kinds: dict[str, str | None]
+        self,
+        seqs: list[Sequence],
+        steps: dict[str, StepResult],
+        kinds: dict[str, str | None],
+        early: dict[str, StepResult],
     ) -> tuple[dict[str, ScoreResult], dict[str, StepResult], dict[str, WordResult]]:
-        """Step 3: junctions consult their signal, one batched call per worker and method."""
+        """Step 3: junctions consult their signal, one batched call per worker and method
+        (a guidance step taken early, in step 1, for this very step is used as it is)."""
         score, blend, write = [], [], []
+        ready = {}
         for s in seqs:
             kind, top = kinds[s.id], steps[s.id].top
-            if kind is None or s.policy.policy == "guidance":
-                continue
+            if kind is None or s.policy.policy == "guidance" or s.lost:
+                continue  # (a lost request takes this step again once its worker is back)
             if kind == "value":
                 fam, n = s.families["base"], s.policy.entropy_k
                 pairs = zip(top.ids[:n], top.texts[:n], strict=True)
                 candidates = [Commit(t, (i,), fam) for i, t in pairs]
                 score.append((s, ScoreRequest(s.id, candidates, append=s.unseen("value"))))
             elif s.policy.policy in ("blendin", "hybrid"):
-                k = s.policy.top_k
-                blend.append((s, StepRequest(s.id, k=k, append=s.unseen("guidance"))))
+                if s.id in early and not steps[s.id].earlier:
+                    ready[s.id] = early.pop(s.id)  # taken at this step's text
+                else:
+                    blend.append((s, self._guidance_step(s)))
             elif s.nudges.resumes(steps[s.id].sampled_text):
                 kinds[s.id] = None  # the base resumes: its token starts the guidance's next word
             else:
@@ -460,7 +507,10 @@ class Engine:
         def by_id(key: str) -> dict:
             return {r.seq_id: r for r in results.get(key, [])}
 
-        return by_id("value"), by_id("guidance"), by_id("guidance/words")
+        for seq_id, unused in early.items():  # the guidance caught up early: its work counts
+            if (s := self.live.get(seq_id)) is not None:
+                s.work["guidance_tokens"] += unused.processed
+        return by_id("value"), by_id("guidance") | ready, by_id("guidance/words")
 
     def _advance(
         self,
@@ -516,6 +566,7 @@ class Engine:
             eos = piece.text == EOS_TEXT
         if policy.policy == "nudging" and source == driver and seq.nudges.base_wrote():
             piece, eos = Commit(EOS_TEXT), True  # the same nudges again and again: a loop
+        seq.last_kind = kind
         if kind is not None:
             seq.interventions += 1
             seq.by_kind[kind] += 1

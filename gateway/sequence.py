@@ -67,6 +67,7 @@ class Sequence:
     commits: list[Commit] = field(default_factory=list)  # the shared completion, piece by piece
     synced: dict[str, int] = field(default_factory=dict)  # role -> commits that role has seen
     steps: int = 0
+    last_kind: str | None = None  # the junction kind of the last committed step, if any
     interventions: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: {"value": 0, "guidance": 0})
     work: dict[str, int] = field(

@@ -12,6 +12,8 @@ Suites (each prints ratios, mean and min–max over the runs, measured interleav
          forward takes well under a millisecond): in process `base` and `blendin` at 1 and
          16 streams, and `junction serve` + Ray + SSE clients for `base`; prints the ratios
          of issue 10's goals (`--tokens` is the request length; 64 in BENCHMARKS.md).
+  overlap  served `blendin` on the same tiny models with the guidance's step overlapped
+         with the base's (the default) ÷ one after the other (`limits.overlap_guidance`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -60,6 +64,30 @@ def summarize(name: str, values: list[float], goal: float | None = None) -> dict
     if goal is not None:
         row["goal"] = goal
     return row
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (Linux), else the platform's."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the ratios depend on besides the code: the batch-of-8 ratio moves with the CPU's
+    vector width (torch's kernels: AVX2 or AVX-512) and with any other load on the cores."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "simd": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -190,9 +218,11 @@ class Gateway:
         self.log.close()
 
 
-async def stream_summary(client, url: str, prompt: str, tokens: int) -> dict:
+async def stream_summary(
+    client, url: str, prompt: str, tokens: int, policy: str = "base"
+) -> dict:
     """One streaming client: POST /v1/generate_stream, read events until the summary."""
-    body = {"prompt": prompt, "max_tokens": tokens, "policy": "base", "temperature": 0}
+    body = {"prompt": prompt, "max_tokens": tokens, "policy": policy, "temperature": 0}
     summary: dict = {}
     async with client.stream("POST", f"{url}/v1/generate_stream", json=body) as resp:
         resp.raise_for_status()
@@ -322,13 +352,14 @@ async def engine_ms_per_tick(engine: Engine, streams: int, tokens: int, policy: 
     return 1000 * (time.perf_counter() - start) / max(r.steps for r in results)
 
 
-async def serve_ms_per_tick(url: str, streams: int, tokens: int) -> float:
+async def serve_ms_per_tick(url: str, streams: int, tokens: int, policy: str = "base") -> float:
     import httpx
 
     prompts = [PROMPTS[n % len(PROMPTS)] for n in range(streams)]
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
-        summaries = await asyncio.gather(*(stream_summary(client, url, p, tokens) for p in prompts))
+        summaries = await asyncio.gather(
+            *(stream_summary(client, url, p, tokens, policy) for p in prompts))
         elapsed = time.perf_counter() - start
     return 1000 * elapsed / max(s["junction"]["steps"] for s in summaries)
 
@@ -402,11 +433,54 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
     ]
 
 
+def overlap_suite(runs: int, tokens: int) -> list[dict]:
+    """Served `blendin` with its guidance overlapped (`limits.overlap_guidance`, the default)
+    ÷ the guidance stepping after the base, tiny models (every step a junction: a random
+    base is never confident), Ray actors, SSE clients. Each repetition starts each gateway
+    in turn (one Ray cluster at a time)."""
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="junction-overlap-"))
+    base_path, guidance_path = tiny_models(workdir)
+    times: dict[tuple[bool, int], list[float]] = {
+        (on, n): [] for on in (True, False) for n in OVERHEAD_STREAMS
+    }
+    for i in range(runs):
+        for on in (True, False):
+            config = (
+                f"base: {{source: '{base_path}', device: cpu, threads: 1}}\n"
+                f"guidance: {{source: '{guidance_path}', device: cpu, threads: 1}}\n"
+                "value: null\n"
+                f"limits: {{max_concurrency: 64, overlap_guidance: {str(on).lower()}}}\n"
+            )
+            gateway = Gateway(Path(tempfile.mkdtemp(dir=workdir)), config)
+            try:
+                gateway.wait_ready()
+                for streams in OVERHEAD_STREAMS:  # warm-up: first calls, caches
+                    asyncio.run(serve_ms_per_tick(gateway.url, streams, tokens, "blendin"))
+                for streams in OVERHEAD_STREAMS:
+                    times[on, streams].append(
+                        asyncio.run(serve_ms_per_tick(gateway.url, streams, tokens, "blendin")))
+            finally:
+                gateway.stop()
+        print(f"  run {i + 1}: " + ", ".join(
+            f"{'overlapped' if on else 'in turn'}@{n} {t[-1]:.2f} ms/tick"
+            for (on, n), t in times.items()), file=sys.stderr)
+    rows = [summarize(f"overlap: serve+Ray, blendin, {'overlapped' if on else 'in turn'}, "
+                      f"{n} streams, ms/tick", t) for (on, n), t in times.items()]
+    return rows + [
+        summarize(f"overlap: blendin overlapped ÷ in turn, {n} streams",
+                  [a / b for a, b in zip(times[True, n], times[False, n], strict=True)])
+        for n in OVERHEAD_STREAMS
+    ]
+
+
 SUITES: dict[str, Callable[[int, int], list[dict]]] = {
     "core": core_suite,
     "serve": serve_suite,
     "sia": sia_suite,
     "overhead": overhead_suite,
+    "overlap": overlap_suite,
 }
 
 
@@ -418,13 +492,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     names = list(SUITES) if args.suite == "all" else [args.suite]
+    host = machine()
+    print(f"machine: {json.dumps(host)}", file=sys.stderr)
     rows = []
     for name in names:
         print(f"== {name} (runs={args.runs}, tokens={args.tokens})", file=sys.stderr)
         rows += SUITES[name](args.runs, args.tokens)
     print_rows(rows)
+    after = machine()["load_average"]
+    print(f"machine: {host['cpu']}, {host['cores']} cores, {host['simd']}, torch {host['torch']};"
+          f" load average {host['load_average'][0]} before, {after[0]} after")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"machine": host, "load_after": after, "rows": rows},
+                                        indent=2))
 
 
 if __name__ == "__main__":

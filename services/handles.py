@@ -14,6 +14,11 @@ class WorkerRestarted(Exception):
 
 
 class Handle(Protocol):
+    # Calls to two such workers run at the same time (separate processes). In-process
+    # runners share one interpreter lock: two CPU-bound runner threads at once took longer
+    # than one after the other (BENCHMARKS.md, "Overlapped guidance").
+    parallel: bool
+
     async def call(self, method: str, *args: Any) -> Any: ...
 
     def unavailable(self, exc: BaseException) -> bool:
@@ -36,8 +41,9 @@ class LocalHandle:
     pool threads would leave idle teams spinning against the working one.
     """
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, parallel: bool = False) -> None:
         self.runner = runner
+        self.parallel = parallel
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -56,6 +62,8 @@ class LocalHandle:
 
 class RayHandle:
     """Calls the same methods on a Ray actor that wraps a runner; `spawn` makes a new actor."""
+
+    parallel = True  # each actor is its own process
 
     def __init__(self, actor: Any, spawn: Callable[[], Any] | None = None) -> None:
         self.actor = actor

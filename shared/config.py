@@ -179,6 +179,12 @@ class Limits:
     # step) the token cap binds, on a slow one the streaming delay stays about that long.
     run_ahead: Annotated[int, Field(ge=0)] = 8
     run_ahead_ms: Annotated[float, Field(gt=0)] = 100.0
+    # BlendIn/hybrid: right after a confidence junction (junctions come in runs) the guidance
+    # steps in the same round as the base instead of after it, so such a junction costs the
+    # slower of the two calls, not their sum (each role has its own worker, and its own GPU
+    # when there are GPUs). When no junction follows, the guidance has only caught up early.
+    # Served workers only (Ray actors); in-process runners take their calls in turn.
+    overlap_guidance: bool = True
 
 
 @dataclass(slots=True)

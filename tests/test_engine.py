@@ -37,9 +37,10 @@ def workers(tiny_gemma, tiny_llama):
 
 
 @contextlib.asynccontextmanager
-async def started(workers, limits: Limits | None = None):
-    """A running engine over these runners, closed afterwards."""
-    engine = Engine({r: LocalHandle(w) for r, w in workers.items()}, limits)
+async def started(workers, limits: Limits | None = None, parallel: bool = False):
+    """A running engine over these runners, closed afterwards; `parallel`: the engine treats
+    them as separate processes (as Ray actors are), so BlendIn overlaps its two calls."""
+    engine = Engine({r: LocalHandle(w, parallel=parallel) for r, w in workers.items()}, limits)
     await engine.start()
     try:
         yield engine
@@ -47,9 +48,11 @@ async def started(workers, limits: Limits | None = None):
         await engine.close()
 
 
-def run(workers, *reqs: GenerationRequest, limits: Limits | None = None) -> list[GenerationResult]:
+def run(
+    workers, *reqs: GenerationRequest, limits: Limits | None = None, parallel: bool = False
+) -> list[GenerationResult]:
     async def main():
-        async with started(workers, limits) as engine:
+        async with started(workers, limits, parallel) as engine:
             return await asyncio.gather(*(engine.generate(r) for r in reqs))
 
     return asyncio.run(main())
@@ -278,22 +281,23 @@ class RestartingRunner:
 
 
 @pytest.mark.parametrize(
-    ("policy", "role", "method", "at_call"),
+    ("policy", "role", "method", "at_call", "parallel"),
     [
-        ("base", "base", "step", 2),  # the base runs ahead: its 2nd call is mid-request
-        ("blendin", "guidance", "step", 4),
-        ("dense", "value", "score", 4),
+        ("base", "base", "step", 2, False),  # the base runs ahead: its 2nd call is mid-request
+        ("blendin", "guidance", "step", 4, False),
+        ("blendin", "guidance", "step", 4, True),  # an early guidance step (overlapped) fails
+        ("dense", "value", "score", 4, False),
     ],
 )
 def test_a_restarted_worker_replays_the_request_and_nothing_is_lost(
-    workers, policy, role, method, at_call
+    workers, policy, role, method, at_call, parallel
 ):
     options = {"tau": 1.0} if policy == "blendin" else {"value_temperature": 0.0}
     if policy == "base":
         options = {}
     (clean,) = run(workers, request(policy, max_tokens=10, **options))
     workers[role] = RestartingRunner(workers[role], method, at_call=at_call)
-    (result,) = run(workers, request(policy, max_tokens=10, **options))
+    (result,) = run(workers, request(policy, max_tokens=10, **options), parallel=parallel)
     assert workers[role].calls > at_call  # it failed once, then served the replayed request
     assert result.finish_reason == "length"
     assert result.text == clean.text

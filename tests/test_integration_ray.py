@@ -78,7 +78,8 @@ def test_served_over_ray_with_run_ahead_equals_the_in_process_loop_step_by_step(
 ):
     """The actors run ahead (the default `limits.run_ahead`); the same seeded requests on
     in-process runners taking one step per call give the same text, steps and junctions,
-    and every token still streams as its own event."""
+    and every token still streams as its own event. Over Ray BlendIn's guidance also steps
+    with the base after a confidence junction (`Engine._overlapped`); in process it does not."""
     local = replace(ray_config, limits=replace(ray_config.limits, run_ahead=0))
     handles = local_handles(local, ("base", "guidance"), progress=False)
 

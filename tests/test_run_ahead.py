@@ -69,8 +69,11 @@ def assert_same(got: object, expected: object) -> None:
     assert got_floats == pytest.approx(expected_floats, rel=1e-5, abs=1e-6)
 
 
-def streamed(workers, reqs: list[GenerationRequest], limits: Limits) -> list[tuple[list, dict]]:
-    """Each request's token events and result, all requests admitted at once."""
+def streamed(
+    workers, reqs: list[GenerationRequest], limits: Limits, parallel: bool = False
+) -> list[tuple[list, dict]]:
+    """Each request's token events and result, all requests admitted at once (`parallel`:
+    the runners taken for separate processes, see `test_engine.started`)."""
 
     async def one(engine: Engine, req: GenerationRequest) -> tuple[list, dict]:
         seq = await engine.submit(req)
@@ -78,7 +81,7 @@ def streamed(workers, reqs: list[GenerationRequest], limits: Limits) -> list[tup
         return [asdict(e) for e in items[:-1]], items[-1].to_json()
 
     async def main():
-        async with started(workers, limits) as engine:
+        async with started(workers, limits, parallel) as engine:
             return await asyncio.gather(*(one(engine, r) for r in reqs))
 
     return asyncio.run(main())
