@@ -1,0 +1,162 @@
+"""Does the value model rank SIA's junction candidates as the implicit reward does?
+
+    python scripts/value_ranking.py --data ../shared/data/truthfulqa_dev.csv --limit 32 \
+        --value shared/defaults/value --ratio 0.2 --out ranking.json
+
+The base answers each prompt greedily (the embedded pair, as `junction evaluate` prompts it).
+At each step whose top-k entropy reaches the calibrated threshold for `--ratio` (a junction
+of SIA at that target ratio) it records, for each of the base's top-k candidates c:
+the base's logit and log-probability, the value model's V(x, y<t ⊕ c), and the guidance's
+log-probability of c's text as its own assistant turn continues (its log-probability of the
+answer so far with c, less that without). The implicit reward's per-token term of c is then
+r(c) = G(c) − log p_base(c) (`shared/implicit_reward.token_rewards`, with n_b/n_g ≈ 1 at
+one step), and SIA's rule at β = 1 scores logit + V: were V exactly r, it would pick the
+candidate the guidance likes best (logit − log p_base is one constant per step).
+
+Printed, over junction steps (mean ± standard error): the within-step rank correlation of
+V with r and with G, how often SIA's and the value-only choice differ from greedy, and how
+much G and r of the chosen candidate gain over the greedy one — for SIA, value-only and an
+oracle that knows G. The answers are the base's greedy ones throughout, so each junction is
+judged on its own (the effect of a choice on later steps is `junction evaluate`'s part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.bridge import vocab_of  # noqa: E402
+from shared.calibration import load_calibration  # noqa: E402
+from shared.config import ModelSpec  # noqa: E402
+from shared.datasets import load_split  # noqa: E402
+from shared.implicit_reward import batched_token_logprobs, encode_pair  # noqa: E402
+from shared.models import load_model  # noqa: E402
+from shared.prompts import build_prompt_ids  # noqa: E402
+from shared.steering import topk_entropy  # noqa: E402
+from shared.value_model import load_value_model  # noqa: E402
+
+
+def ranks(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).argsort().argsort().double()
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (no ties expected among float scores); NaN when one side is flat."""
+    return torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1].item()
+
+
+def junction_record(step: dict) -> dict[str, float]:
+    """One junction's figures: correlations, and each rule's choice against greedy (index 0)."""
+    logit, values, base_lp, guide = step["logit"], step["V"], step["base_lp"], step["G"]
+    reward = [g - b for g, b in zip(guide, base_lp, strict=True)]
+    k = range(len(values))
+    sia = max(k, key=lambda i: logit[i] + values[i])
+    value_only = max(k, key=lambda i: values[i])
+    oracle = max(k, key=lambda i: guide[i])
+    return {
+        "rank corr V ~ r": spearman(values, reward),
+        "rank corr V ~ G": spearman(values, guide),
+        "rank corr logit+V ~ G": spearman([a + b for a, b in zip(logit, values, strict=True)],
+                                          guide),
+        "rank corr logit ~ G": spearman(logit, guide),
+        "SIA differs from greedy": float(sia != 0),
+        "value-only differs from greedy": float(value_only != 0),
+        "G gain, SIA": guide[sia] - guide[0],
+        "G gain, value-only": guide[value_only] - guide[0],
+        "G gain, oracle": guide[oracle] - guide[0],
+        "r gain, SIA": reward[sia] - reward[0],
+        "r gain, value-only": reward[value_only] - reward[0],
+    }
+
+
+def summary(steps: list[dict]) -> dict[str, tuple[float, float]]:
+    table: dict[str, list[float]] = {}
+    for step in steps:
+        for key, value in junction_record(step).items():
+            if value == value:  # a flat side gives NaN correlation: left out
+                table.setdefault(key, []).append(value)
+    return {
+        key: (statistics.fmean(v), statistics.pstdev(v) / len(v) ** 0.5)
+        for key, v in table.items()
+    }
+
+
+def collect(args: argparse.Namespace) -> list[dict]:
+    calibration = load_calibration(args.value)
+    if calibration is None:
+        raise SystemExit(f"error: no calibration.json beside {args.value}")
+    threshold, k = calibration.threshold(args.ratio), calibration.k
+    base = load_model("base", ModelSpec(), progress=False)
+    guidance = load_model("guidance", ModelSpec(), progress=False)
+    backbone = load_model("value", ModelSpec(), progress=False)
+    value = load_value_model(args.value, backbone.model)
+    vocab = vocab_of(base.tokenizer)
+    steps = []
+    examples = load_split(args.data, args.split, args.limit)
+    for ex in tqdm(examples, desc="junctions", unit="prompt"):
+        prompt = build_prompt_ids(base.tokenizer, prompt=ex.prompt, chat=False)
+        answer: list[int] = []
+        for t in range(args.max_tokens):
+            with torch.no_grad():
+                logits = base.model(input_ids=torch.tensor([prompt + answer])).logits[0, -1]
+            logits = logits.float()
+            top = torch.topk(logits, k)
+            if float(topk_entropy(top.values)) >= threshold:
+                steps.append(junction(ex, t, prompt, answer, logits, top, value, guidance,
+                                      vocab))
+            chosen = int(top.indices[0])
+            if chosen in base.eos_ids:
+                break
+            answer.append(chosen)
+            if "\n" in vocab.decode(answer):  # the evaluation's stop for TruthfulQA
+                break
+    return steps
+
+
+def junction(ex, t, prompt, answer, logits, top, value, guidance, vocab) -> dict:
+    candidates = top.indices.tolist()
+    with torch.no_grad():
+        values, _ = value(torch.tensor([prompt + answer + [c] for c in candidates]))
+    texts = [vocab.decode(answer)] + [vocab.decode(answer + [c]) for c in candidates]
+    pairs = [encode_pair(guidance, ex.prompt, text.lstrip(), chat=True) for text in texts]
+    scored = batched_token_logprobs(guidance, pairs, len(pairs), "", progress=False)
+    before = sum(scored[0])
+    return {
+        "row": ex.row,
+        "step": t,
+        "logit": top.values.tolist(),
+        "base_lp": torch.log_softmax(logits, -1)[top.indices].tolist(),
+        "V": values[:, -1].tolist(),
+        "G": [sum(s) - before for s in scored[1:]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--value", type=Path, default=Path("shared/defaults/value"))
+    parser.add_argument("--split", default="eval")
+    parser.add_argument("--limit", type=int, default=32)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, help="also write every junction's figures here")
+    parser.add_argument("--steps", type=Path, help="summarize a file --out wrote instead")
+    args = parser.parse_args()
+    steps = json.loads(args.steps.read_text()) if args.steps else collect(args)
+    if args.out:
+        args.out.write_text(json.dumps(steps))
+    print(f"{len(steps)} junction steps")
+    for key, (mean, se) in summary(steps).items():
+        print(f"{key:<32} {mean:+.3f} ± {se:.3f}")
+
+
+if __name__ == "__main__":
+    main()
