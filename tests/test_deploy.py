@@ -70,7 +70,7 @@ def junction_config(data: dict) -> JunctionConfig:
         for f in dataclasses.fields(section) if section is not None else ():
             value, default = getattr(section, f.name), getattr(type(section)(), f.name)
             kind = (int, float) if isinstance(default, float) else type(default)
-            assert isinstance(value, kind) and not isinstance(value, bool), (
+            assert isinstance(value, kind) and (kind is bool or not isinstance(value, bool)), (
                 f"{type(section).__name__}.{f.name}={value!r} should be {kind}"
             )
     return config
