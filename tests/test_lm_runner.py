@@ -97,6 +97,26 @@ def test_step_summary_is_compact_and_consistent(tiny_gemma):
     assert res.sampled_id == res.top.ids[0]  # greedy
 
 
+def test_each_row_of_a_mixed_batch_gets_its_own_k_and_entropy_width(tiny_gemma):
+    """The summary's figures are computed for the whole batch at once (`Rows`); each row
+    still gets its own k, its own entropy width (never wider than its k) and its top-1."""
+    runner = runner_for(tiny_gemma)
+    widths = [(3, None), (10, None), (10, 4), (5, 8), (100, 10)]  # (k, entropy_k)
+    for n, _ in enumerate(widths):
+        runner.open(f"s{n}", prompt=["a b c", "the cat", "x y z w"][n % 3])
+    results = runner.step([StepRequest(f"s{n}", k=k, entropy_k=e)
+                           for n, (k, e) in enumerate(widths)])
+    for n, ((k, e), res) in enumerate(zip(widths, results, strict=True)):
+        reference = full_logprobs(tiny_gemma.model, runner.seqs[f"s{n}"].text.ids)
+        top = torch.topk(reference, k)
+        assert res.top.ids == top.indices.tolist()
+        assert res.top.logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+        width = min(e or k, k)
+        p = torch.softmax(top.values[:width].double(), -1)
+        assert res.top.entropy == pytest.approx(float(-(p * p.log()).sum()), abs=1e-4)
+        assert res.top.top1_prob == pytest.approx(math.exp(top.values[0]), abs=1e-5)
+
+
 @pytest.mark.parametrize("appended", [[], [" cat"], [" the", " mat", " and"]])
 def test_processed_counts_only_new_tokens(tiny_llama, appended):
     runner = runner_for(tiny_llama)
