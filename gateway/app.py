@@ -443,7 +443,7 @@ def _openai_routes(app: FastAPI, gateway: Gateway) -> None:
             return reply.response([await best_result(engine, req, best)])
         seqs = await admit(engine, seeded_copies(req, body.n) if body.n > 1 else [req])
         if body.stream:
-            items = merged([engine.stream(s) for s in seqs])
+            items = merged([engine.bursts(s) for s in seqs])
             events = stream_events(reply, items, seqs, body.include_usage)
             return EventSourceResponse(cancel_when_closed(engine, seqs, events))
         done = await results_of(request, engine, seqs)

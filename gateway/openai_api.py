@@ -22,6 +22,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from sse_starlette import ServerSentEvent
+
 from gateway.best_of import combined
 from gateway.errors import error_body
 from gateway.sequence import Sequence as Live
@@ -146,59 +148,76 @@ def _data(obj: dict | str) -> dict:
     return {"data": obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}
 
 
-async def merged(streams: Sequence[AsyncIterator[Item]]) -> AsyncIterator[tuple[int, Item]]:
-    """The items of several streams as they come, each with its stream's index."""
+async def merged(
+    streams: Sequence[AsyncIterator[list[Item]]],
+) -> AsyncIterator[tuple[int, list[Item]]]:
+    """The bursts of several streams (`Engine.bursts`) as they come, each with its stream's
+    index; done when every stream has ended with its result."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[Item]) -> None:
-        async for item in stream:
-            await queue.put((index, item))
+    async def pump(index: int, stream: AsyncIterator[list[Item]]) -> None:
+        async for burst in stream:
+            await queue.put((index, burst))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         finished = 0
         while finished < len(streams):
-            index, item = await queue.get()
-            finished += isinstance(item, GenerationResult)
-            yield index, item
+            index, burst = await queue.get()
+            finished += isinstance(burst[-1], GenerationResult)
+            yield index, burst
     finally:
         for task in tasks:
             task.cancel()
 
 
+def _sse_bytes(events: list[dict]) -> bytes:
+    """SSE events (sse-starlette dicts) as one chunk: one write serves them all."""
+    return b"".join(ServerSentEvent(**event).encode() for event in events)
+
+
 async def stream_events(
     reply: Reply,
-    items: AsyncIterator[tuple[int, Item]],
+    bursts: AsyncIterator[tuple[int, list[Item]]],
     seqs: Sequence[Live],
     include_usage: bool,
-) -> AsyncIterator[dict]:
-    """The SSE events (sse-starlette dicts) of one streamed request, a choice per sequence.
+) -> AsyncIterator[bytes]:
+    """The SSE events of one streamed request, a choice per sequence: a chunk per event,
+    written together for the steps of one burst (a run-ahead's steps come at once), as the
+    native route does.
 
     A failed choice ends the stream with an error event (its message sanitized).
     """
     n = len(seqs)
     in_usage = {"usage": None} if include_usage else {}
     if reply.chat:
-        for index in range(n):
-            yield _data({**reply.chunk("", first=True, index=index), **in_usage})
+        yield _sse_bytes([_data({**reply.chunk("", first=True, index=index), **in_usage})
+                          for index in range(n)])
     offsets = [0] * n
     results: list[GenerationResult] = []
-    async for index, item in items:
-        if isinstance(item, TokenEvent):
-            if item.text or item.logprobs:
-                steps = [item.logprobs] if item.logprobs else []
-                logprobs = reply._logprobs(steps, offsets[index])
-                offsets[index] += sum(len(_token(s.token)) for s in steps)
-                yield _data({**reply.chunk(item.text, index=index, logprobs=logprobs),
-                             **in_usage})
-            continue
-        if item.finish_reason == "error":
-            message = seqs[index].error or "generation failed"
-            yield _data(error_body(message, kind="server_error"))
+    async for index, burst in bursts:
+        events, failed = [], False
+        for item in burst:
+            if isinstance(item, TokenEvent):
+                if item.text or item.logprobs:
+                    steps = [item.logprobs] if item.logprobs else []
+                    logprobs = reply._logprobs(steps, offsets[index])
+                    offsets[index] += sum(len(_token(s.token)) for s in steps)
+                    events.append(_data({**reply.chunk(item.text, index=index,
+                                                       logprobs=logprobs), **in_usage}))
+                continue
+            if item.finish_reason == "error":
+                message = seqs[index].error or "generation failed"
+                events.append(_data(error_body(message, kind="server_error")))
+                failed = True
+                break
+            results.append(item)
+            last = {**reply.chunk("", item.finish_reason, index=index), **in_usage}
+            events.append(_data({**last, "junction": item.to_json()["junction"]}))
+            if include_usage and len(results) == n:
+                events.append(_data(reply.usage_chunk(results)))
+        if events:
+            yield _sse_bytes(events)
+        if failed:
             break
-        results.append(item)
-        last = {**reply.chunk("", item.finish_reason, index=index), **in_usage}
-        yield _data({**last, "junction": item.to_json()["junction"]})
-        if include_usage and len(results) == n:
-            yield _data(reply.usage_chunk(results))
-    yield _data(DONE)
+    yield _sse_bytes([_data(DONE)])

@@ -314,6 +314,27 @@ def test_a_run_ahead_burst_streams_in_one_chunk_with_an_event_per_token(
 
 
 # --------------------------------------------------------------------- OpenAI-compatible
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_an_openai_stream_writes_a_burst_in_one_chunk_with_a_chunk_object_per_token(
+    client: httpx.Client, route: str
+) -> None:
+    ask = {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in route else {
+        "prompt": PROMPT}
+    body = {"model": "junction", "max_tokens": 12, "stream": True, "n": 2,
+            "stream_options": {"include_usage": True}, **ask}
+    with client.stream("POST", route, json=body) as response:
+        chunks = [c for c in response.iter_raw() if c.strip() and not c.startswith(b":")]
+    per_chunk = [c.count(b"data: ") for c in chunks]
+    assert max(per_chunk) > 1  # a burst (or the opening role chunks), written at once
+    events = [json.loads(line[6:]) for c in chunks for line in c.decode().splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks[-1].strip().endswith(b"data: [DONE]")
+    finished = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert sorted(e["choices"][0]["index"] for e in finished) == [0, 1]
+    assert events[-1]["usage"]["completion_tokens"] == sum(
+        e["junction"]["steps"] for e in finished)
+
+
 def test_openai_completions(oai: openai.OpenAI, client: httpx.Client) -> None:
     native = client.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 10}).json()
     reply = oai.completions.create(model="junction", prompt=PROMPT, max_tokens=10)
