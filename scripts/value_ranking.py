@@ -18,6 +18,11 @@ V with r and with G, how often SIA's and the value-only choice differ from greed
 much G and r of the chosen candidate gain over the greedy one — for SIA, value-only and an
 oracle that knows G. The answers are the base's greedy ones throughout, so each junction is
 judged on its own (the effect of a choice on later steps is `junction evaluate`'s part).
+
+`--follow sia|oracle`: the answer takes SIA's choice (logit + V, β = 1) or the oracle's (the
+candidate with the highest G) at its junctions instead, and the script also prints the
+implicit reward of those answers against the greedy ones (paired, ± SE): what a value model
+that ranked the candidates as the guidance does would gain end to end.
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ from shared.bridge import vocab_of  # noqa: E402
 from shared.calibration import load_calibration  # noqa: E402
 from shared.config import ModelSpec  # noqa: E402
 from shared.datasets import load_split  # noqa: E402
-from shared.implicit_reward import batched_token_logprobs, encode_pair  # noqa: E402
+from shared.implicit_reward import (  # noqa: E402
+    ImplicitReward,
+    batched_token_logprobs,
+    encode_pair,
+)
 from shared.models import load_model  # noqa: E402
 from shared.prompts import build_prompt_ids  # noqa: E402
 from shared.steering import topk_entropy  # noqa: E402
@@ -89,7 +98,8 @@ def summary(steps: list[dict]) -> dict[str, tuple[float, float]]:
     }
 
 
-def collect(args: argparse.Namespace) -> list[dict]:
+def collect(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Junction records along each answer, and each prompt's answers with their rewards."""
     calibration = load_calibration(args.value)
     if calibration is None:
         raise SystemExit(f"error: no calibration.json beside {args.value}")
@@ -99,26 +109,43 @@ def collect(args: argparse.Namespace) -> list[dict]:
     backbone = load_model("value", ModelSpec(), progress=False)
     value = load_value_model(args.value, backbone.model)
     vocab = vocab_of(base.tokenizer)
-    steps = []
+    reward = ImplicitReward(base, guidance, progress=False)
+    steps, answers = [], []
     examples = load_split(args.data, args.split, args.limit)
     for ex in tqdm(examples, desc="junctions", unit="prompt"):
         prompt = build_prompt_ids(base.tokenizer, prompt=ex.prompt, chat=False)
-        answer: list[int] = []
-        for t in range(args.max_tokens):
-            with torch.no_grad():
-                logits = base.model(input_ids=torch.tensor([prompt + answer])).logits[0, -1]
-            logits = logits.float()
-            top = torch.topk(logits, k)
-            if float(topk_entropy(top.values)) >= threshold:
-                steps.append(junction(ex, t, prompt, answer, logits, top, value, guidance,
-                                      vocab))
-            chosen = int(top.indices[0])
-            if chosen in base.eos_ids:
-                break
-            answer.append(chosen)
-            if "\n" in vocab.decode(answer):  # the evaluation's stop for TruthfulQA
-                break
-    return steps
+        texts = {}
+        for follow in dict.fromkeys(("greedy", args.follow)):
+            answer: list[int] = []
+            for t in range(args.max_tokens):
+                with torch.no_grad():
+                    logits = base.model(input_ids=torch.tensor([prompt + answer])).logits[0, -1]
+                logits = logits.float()
+                top = torch.topk(logits, k)
+                pick = 0
+                if follow == args.follow and float(topk_entropy(top.values)) >= threshold:
+                    step = junction(ex, t, prompt, answer, logits, top, value, guidance, vocab)
+                    steps.append(step)
+                    pick = CHOICES[follow](step)
+                chosen = int(top.indices[pick])
+                if chosen in base.eos_ids:
+                    break
+                answer.append(chosen)
+                if "\n" in vocab.decode(answer):  # the evaluation's stop for TruthfulQA
+                    break
+            texts[follow] = vocab.decode(answer).split("\n")[0]
+        scores = reward.score_batch([ex.prompt] * len(texts), list(texts.values()))
+        answers.append({"row": ex.row, **{f"{name} answer": text for name, text in texts.items()},
+                        **{f"{name} reward": r for name, r in zip(texts, scores, strict=True)}})
+    return steps, answers
+
+
+CHOICES = {  # which candidate the answer takes at a junction (0 = greedy)
+    "greedy": lambda step: 0,
+    "sia": lambda step: max(range(len(step["V"])),
+                            key=lambda i: step["logit"][i] + step["V"][i]),
+    "oracle": lambda step: max(range(len(step["G"])), key=lambda i: step["G"][i]),
+}
 
 
 def junction(ex, t, prompt, answer, logits, top, value, guidance, vocab) -> dict:
@@ -147,10 +174,25 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--follow", choices=list(CHOICES), default="greedy",
+                        help="the choice the answer takes at its junctions (its reward is "
+                             "compared with the greedy answer's)")
     parser.add_argument("--out", type=Path, help="also write every junction's figures here")
     parser.add_argument("--steps", type=Path, help="summarize a file --out wrote instead")
     args = parser.parse_args()
-    steps = json.loads(args.steps.read_text()) if args.steps else collect(args)
+    if args.steps:
+        steps = json.loads(args.steps.read_text())
+    else:
+        steps, answers = collect(args)
+        if args.out:
+            args.out.with_suffix(".answers.json").write_text(json.dumps(answers, indent=1))
+        greedy = [a["greedy reward"] for a in answers]
+        followed = [a[f"{args.follow} reward"] for a in answers]
+        gains = [f - g for f, g in zip(followed, greedy, strict=True)]
+        print(f"implicit reward of the answers ({len(answers)} prompts): greedy "
+              f"{statistics.fmean(greedy):+.3f}, {args.follow} {statistics.fmean(followed):+.3f},"
+              f" paired gain {statistics.fmean(gains):+.3f} ± "
+              f"{statistics.pstdev(gains) / len(gains) ** 0.5:.3f}")
     if args.out:
         args.out.write_text(json.dumps(steps))
     print(f"{len(steps)} junction steps")
