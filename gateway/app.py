@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,7 +45,7 @@ from gateway.errors import (
 from gateway.guard import Guard, api_keys
 from gateway.local import local_handles
 from gateway.metrics import Metrics
-from gateway.openai_api import Reply, merged, stream_events
+from gateway.openai_api import Reply, merged, sse, stream_events
 from gateway.schemas import ChatCompletionBody, CompletionBody, GenerateBody, OpenAIBody
 from gateway.sequence import GenerationRequest, Sequence
 from services.actors import WorkerUnavailable, configured_roles, shutdown_workers, start_workers
@@ -258,16 +258,12 @@ def _encoded(seq: Sequence, item: TokenEvent | GenerationResult) -> bytes:
         # Shallow (every field but logprobs is a plain value): `asdict` recurses into
         # each value and cost ~80 µs per token event, at every step of every stream.
         event = {name: getattr(item, name) for name in TOKEN_EVENT_FIELDS}
-        return _sse("token", json.dumps(event, ensure_ascii=False))
+        return sse(json.dumps(event, ensure_ascii=False), "token")
     error = b""
     if item.finish_reason == "error":
         body = error_body(seq.error or "generation failed", kind="server_error")
-        error = _sse("error", json.dumps(body))
-    return error + _sse("summary", json.dumps(item.to_json(), ensure_ascii=False))
-
-
-def _sse(event: str, data: str) -> bytes:
-    return ServerSentEvent(data=data, event=event).encode()
+        error = sse(json.dumps(body), "error")
+    return error + sse(json.dumps(item.to_json(), ensure_ascii=False), "summary")
 
 
 def check_openai(gateway: Gateway, body: OpenAIBody) -> str:

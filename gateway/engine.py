@@ -33,7 +33,7 @@ from gateway.stopping import Stopping
 from gateway.supervision import RETRY_SECONDS, Supervisor
 from services.handles import Handle
 from shared.calibration import Calibration
-from shared.config import VALUE_POLICIES, Limits, PolicyConfig
+from shared.config import BLEND_POLICIES, VALUE_POLICIES, Limits, PolicyConfig
 from shared.prompts import base_prompt_text, transcript_stops
 from shared.steering import (
     EntropyWindow,
@@ -112,6 +112,10 @@ class Engine:
         self._closed = False
         self.stopped: str | None = None  # why the decode loop ended, if it did (a bug)
         self.supervisor = Supervisor(workers, self.infos, self.limits.recovery_seconds)
+        # Overlapped guidance (`_overlapped`) only where base and guidance run in parallel.
+        self._overlap = self.limits.overlap_guidance and all(
+            getattr(workers.get(role), "parallel", False) for role in ("base", "guidance")
+        )
         # SIA's target_ratio: thresholds calibrated for this base (from the value worker), and
         # per top-k width the server-wide window of recent base entropies of all requests.
         self.calibration: Calibration | None = None
@@ -402,13 +406,12 @@ class Engine:
         the two workers run in parallel (`Handle.parallel`: Ray actors, not in-process
         threads, which share one interpreter lock and took longer together than in turn).
         """
-        together = [getattr(self.workers.get(r), "parallel", False) for r in ("base", "guidance")]
-        if not self.limits.overlap_guidance or not all(together):
+        if not self._overlap:
             return []
         return [
             s for s in seqs
             if s.last_kind == "guidance" and s.req.driver == "base"
-            and s.policy.policy in ("blendin", "hybrid") and "guidance" not in s.lost
+            and s.policy.policy in BLEND_POLICIES and "guidance" not in s.lost
         ]
 
     @staticmethod
@@ -483,7 +486,7 @@ class Engine:
                 pairs = zip(top.ids[:n], top.texts[:n], strict=True)
                 candidates = [Commit(t, (i,), fam) for i, t in pairs]
                 score.append((s, ScoreRequest(s.id, candidates, append=s.unseen("value"))))
-            elif s.policy.policy in ("blendin", "hybrid"):
+            elif s.policy.policy in BLEND_POLICIES:
                 if s.id in early and not steps[s.id].earlier:
                     ready[s.id] = early.pop(s.id)  # taken at this step's text
                 else:

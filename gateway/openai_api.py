@@ -171,9 +171,14 @@ async def merged(
             task.cancel()
 
 
+def sse(data: str, event: str | None = None) -> bytes:
+    """One SSE event, encoded as sse-starlette writes it."""
+    return ServerSentEvent(data=data, event=event).encode()
+
+
 def _sse_bytes(events: list[dict]) -> bytes:
-    """SSE events (sse-starlette dicts) as one chunk: one write serves them all."""
-    return b"".join(ServerSentEvent(**event).encode() for event in events)
+    """SSE events (`_data` dicts) as one chunk: one write serves them all."""
+    return b"".join(sse(**event) for event in events)
 
 
 async def stream_events(

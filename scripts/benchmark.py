@@ -340,6 +340,16 @@ def tiny_models(workdir: Path) -> tuple[Path, Path]:
     return base.path, guidance.path
 
 
+def tiny_config(base_path: Path, guidance_path: Path, limits: str = "") -> str:
+    """`junction serve`'s config for the tiny pair: one torch thread per worker, no value."""
+    extra = f", {limits}" if limits else ""
+    return (
+        f"base: {{source: '{base_path}', device: cpu, threads: 1}}\n"
+        f"guidance: {{source: '{guidance_path}', device: cpu, threads: 1}}\n"
+        f"value: null\nlimits: {{max_concurrency: 64{extra}}}\n"
+    )
+
+
 def tiny_spec(path: Path) -> ModelSpec:
     return ModelSpec(source=str(path), device="cpu", threads=1)
 
@@ -381,12 +391,7 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
             load_model("guidance", tiny_spec(guidance_path), progress=False),
             "guidance", chat=True)),
     }
-    config = (
-        f"base: {{source: '{base_path}', device: cpu, threads: 1}}\n"
-        f"guidance: {{source: '{guidance_path}', device: cpu, threads: 1}}\n"
-        "value: null\nlimits: {max_concurrency: 64}\n"
-    )
-    gateway = Gateway(workdir, config)
+    gateway = Gateway(workdir, tiny_config(base_path, guidance_path))
     sides = [(p, n) for p in ("base", "blendin") for n in OVERHEAD_STREAMS]
     times: dict[tuple[str, int], list[float]] = {key: [] for key in sides}
     times |= {("serve", n): [] for n in OVERHEAD_STREAMS}
@@ -447,12 +452,7 @@ def overlap_suite(runs: int, tokens: int) -> list[dict]:
     }
     for i in range(runs):
         for on in (True, False):
-            config = (
-                f"base: {{source: '{base_path}', device: cpu, threads: 1}}\n"
-                f"guidance: {{source: '{guidance_path}', device: cpu, threads: 1}}\n"
-                "value: null\n"
-                f"limits: {{max_concurrency: 64, overlap_guidance: {str(on).lower()}}}\n"
-            )
+            config = tiny_config(base_path, guidance_path, f"overlap_guidance: {str(on).lower()}")
             gateway = Gateway(Path(tempfile.mkdtemp(dir=workdir)), config)
             try:
                 gateway.wait_ready()

@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.value_ranking import spearman  # noqa: E402
+from scripts.value_ranking import guidance_gains, spearman  # noqa: E402
 from shared.bridge import vocab_of  # noqa: E402
 from shared.calibration import CALIBRATION_FILE, load_calibration  # noqa: E402
 from shared.config import ModelSpec  # noqa: E402
-from shared.implicit_reward import batched_token_logprobs, encode_pair  # noqa: E402
+from shared.implicit_reward import encode_pair  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.steering import topk_entropy  # noqa: E402
 from shared.training import (  # noqa: E402
@@ -99,16 +99,13 @@ def collect(args: argparse.Namespace) -> None:
                 hidden = value.decoder()(
                     input_ids=torch.tensor([enc.ids[:position] + [c] for c in candidates])
                 ).last_hidden_state[:, -1].float()
-            texts = [vocab.decode(response[:j])]
-            texts += [vocab.decode(response[:j] + [c]) for c in candidates]
-            pairs = [encode_pair(guidance, trajectory.prompt, t.lstrip(), True) for t in texts]
-            scored = batched_token_logprobs(guidance, pairs, len(pairs), "", False)
             log_softmax = torch.log_softmax(logits[position - 1], -1)
             rows.append({
                 "h": hidden,
                 "logit": tops.values[j].tolist(),
                 "lpb": log_softmax[tops.indices[j]].tolist(),
-                "G": [sum(s) - sum(scored[0]) for s in scored[1:]],
+                "G": guidance_gains(guidance, trajectory.prompt, vocab, response[:j],
+                                    candidates),
                 "scale": scale,
             })
     torch.save(rows, args.out)

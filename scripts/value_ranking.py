@@ -148,21 +148,26 @@ CHOICES = {  # which candidate the answer takes at a junction (0 = greedy)
 }
 
 
+def guidance_gains(guidance, prompt: str, vocab, answer: list[int], candidates: list[int]):
+    """G(c) for each candidate: the guidance's log-probability of the answer's text with c
+    (as its own assistant turn continues) less that of the answer without it."""
+    texts = [vocab.decode(answer)] + [vocab.decode(answer + [c]) for c in candidates]
+    pairs = [encode_pair(guidance, prompt, text.lstrip(), chat=True) for text in texts]
+    scored = batched_token_logprobs(guidance, pairs, len(pairs), "", progress=False)
+    return [sum(s) - sum(scored[0]) for s in scored[1:]]
+
+
 def junction(ex, t, prompt, answer, logits, top, value, guidance, vocab) -> dict:
     candidates = top.indices.tolist()
     with torch.no_grad():
         values, _ = value(torch.tensor([prompt + answer + [c] for c in candidates]))
-    texts = [vocab.decode(answer)] + [vocab.decode(answer + [c]) for c in candidates]
-    pairs = [encode_pair(guidance, ex.prompt, text.lstrip(), chat=True) for text in texts]
-    scored = batched_token_logprobs(guidance, pairs, len(pairs), "", progress=False)
-    before = sum(scored[0])
     return {
         "row": ex.row,
         "step": t,
         "logit": top.values.tolist(),
         "base_lp": torch.log_softmax(logits, -1)[top.indices].tolist(),
         "V": values[:, -1].tolist(),
-        "G": [sum(s) - before for s in scored[1:]],
+        "G": guidance_gains(guidance, ex.prompt, vocab, answer, candidates),
     }
 
 

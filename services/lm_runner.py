@@ -74,8 +74,6 @@ class Rows:
 
 def _entropies(top_logprobs: torch.Tensor, widths: list[int]) -> list[float]:
     """Each row's top-k entropy over its own width: one batched `topk_entropy` per width."""
-    if len(set(widths)) == 1:
-        return topk_entropy(top_logprobs[:, : widths[0]]).tolist()
     out = [0.0] * len(widths)
     for width in set(widths):
         rows = [i for i, w in enumerate(widths) if w == width]
@@ -444,7 +442,7 @@ class LMRunner:
             unique_max=(top_logits[:, 0] > top_logits[:, 1]).tolist(),
         )
         return [
-            _guarded(req.seq_id, self._summary, row, req, logits, rows, top_logprobs, norm)
+            _guarded(req.seq_id, self._summary, row, req, logits, rows, norm)
             for row, req in enumerate(reqs)
         ]
 
@@ -454,7 +452,6 @@ class LMRunner:
         req: StepRequest,
         logits: torch.Tensor,
         rows: Rows,
-        top_logprobs: torch.Tensor,
         norm: torch.Tensor,
     ) -> StepResult:
         seq = self.seqs[req.seq_id]

@@ -15,6 +15,7 @@ Policy = Literal["base", "sia", "dense", "blendin", "nudging", "hybrid", "guidan
 POLICIES: tuple[str, ...] = ("base", "sia", "dense", "blendin", "nudging", "hybrid", "guidance")
 VALUE_POLICIES = frozenset({"sia", "dense", "hybrid"})
 GUIDANCE_POLICIES = frozenset({"blendin", "nudging", "hybrid", "guidance"})
+BLEND_POLICIES = frozenset({"blendin", "hybrid"})  # the guidance blends at a confidence junction
 SiaDecode = Literal["request", "topk_sample"]
 SIA_DECODES: tuple[str, ...] = ("request", "topk_sample")
 DType = Literal["float32", "bfloat16", "float16"]
