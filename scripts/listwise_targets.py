@@ -1,0 +1,306 @@
+"""Experiment: the guidance's preferences over the base's candidates, at every position, from
+one guidance forward per trajectory — and a logit adapter trained on them.
+
+    python scripts/listwise_targets.py collect --split train --out train.pt
+    python scripts/listwise_targets.py collect --split val --out val.pt
+    python scripts/listwise_targets.py fit --train train.pt --val val.pt --out adapter.pt
+    python scripts/listwise_targets.py follow --adapter adapter.pt \
+        --data ../shared/data/truthfulqa_dev.csv --limit 32 --beta 1,2
+
+`collect` walks the shipped value model's stored trajectories (`trajectories.jsonl`, or
+`val_trajectories.jsonl` for `--split val`). Per trajectory it runs the base once (its final
+hidden state and top-`K` candidates at each response position) and the guidance once, in its
+chat turn. Where both tokenizations have a boundary at the same point of the response text,
+the guidance's next-token distribution there gives G(c) — the guidance's log-probability of c
+continuing its turn, the quantity `scripts/value_ranking.py` computes with one guidance call
+per candidate — for each base candidate c whose text is one guidance token. So every such
+position carries a listwise target over the base's own candidates, at no cost beyond the
+forward the implicit reward already needs.
+
+`fit` trains a low-rank adapter on the frozen base's final hidden state h: the adapted model's
+next-token distribution is p_θ(c) ∝ p_base(c)·exp(w_c·U·Vᵀ·h/|h|) on the base's top `K`
+(w_c: c's output embedding; p_base elsewhere), so the log-ratio log p_θ(c) − log p_base(c) is
+a token-level value of the form SIA adds to the logits, and logit + V ranks as p_θ does. The
+loss is the cross-entropy of p_θ's matched candidates against softmax(G). Per epoch it prints,
+on the validation trajectories: the listwise cross-entropy and top-1 agreement with the
+guidance, and at SIA's junctions (top-10 entropy over the calibrated 0.2 threshold, the
+greedy candidate and at least one other matched) the G gained over greedy by the choice of
+logit + β·V among the matched top 10, against the oracle (the best G among them).
+
+`follow` decodes the evaluation rows greedily with the base and, at the same junctions,
+takes the candidate of largest logit + β·V; each answer is scored with the implicit reward
+against the greedy answer (paired), as `scripts/value_ranking.py --follow` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.bridge import vocab_of  # noqa: E402
+from shared.calibration import load_calibration  # noqa: E402
+from shared.config import ModelSpec  # noqa: E402
+from shared.datasets import load_split  # noqa: E402
+from shared.implicit_reward import (  # noqa: E402
+    ImplicitReward,
+    byte_ends,
+    encode_pair,
+    output_logits,
+)
+from shared.models import load_model  # noqa: E402
+from shared.prompts import build_prompt_ids  # noqa: E402
+from shared.steering import topk_entropy  # noqa: E402
+from shared.training import encode, load_trajectories  # noqa: E402
+
+SHIPPED = Path("shared/defaults/value")
+K = 256  # the base candidates the adapter reweights (SIA reads the top 10)
+
+
+def single_token_texts(vocab, size: int) -> dict[str, int]:
+    """Each text one guidance token writes after a boundary → that token (first id wins)."""
+    table: dict[str, int] = {}
+    for token_id, text in enumerate(vocab.texts_after_boundary(list(range(size)))):
+        if text and text not in table:
+            table[text] = token_id
+    return table
+
+
+@torch.no_grad()
+def collect(args: argparse.Namespace) -> None:
+    base = load_model("base", ModelSpec(), progress=False)
+    guidance = load_model("guidance", ModelSpec(), progress=False)
+    base_vocab, guide_vocab = vocab_of(base.tokenizer), vocab_of(guidance.tokenizer)
+    guide_ids = single_token_texts(guide_vocab, len(guidance.tokenizer))
+    name = "val_trajectories.jsonl" if args.split == "val" else "trajectories.jsonl"
+    records, positions, matched = [], 0, 0
+    for trajectory in tqdm(load_trajectories(args.value / name), desc=f"targets ({args.split})"):
+        enc = encode(base.tokenizer, trajectory)
+        response = enc.ids[enc.start : -1]  # without the appended end of sequence
+        pair = encode_pair(guidance, trajectory.prompt, trajectory.response.lstrip(), True)
+        if not response or not pair.response:
+            continue
+        hidden = base.model.model(input_ids=torch.tensor([enc.ids[:-1]])).last_hidden_state[0]
+        pred = hidden[enc.start - 1 :].float()  # row j predicts response[j]
+        logits = output_logits(base.model, pred)
+        top = torch.topk(logits, K)
+        guide = guide_logprobs(guidance, pair)
+        # Base position j (context = the first j response tokens) meets the guidance where its
+        # tokens end at the same byte of the response (the guidance's has no leading space).
+        lead = len(trajectory.response.encode()) - len(trajectory.response.lstrip().encode())
+        guide_at = {end: i + 1 for i, end in enumerate(byte_ends(guide_vocab, pair.response))}
+        ends = byte_ends(base_vocab, response)
+        rows = []
+        for j in range(1, len(response)):
+            g = guide_at.get(ends[j - 1] - lead)
+            if g is None:
+                continue
+            texts = base_vocab.texts_after_boundary(top.indices[j].tolist())
+            hits = [(n, guide_ids[t]) for n, t in enumerate(texts) if t and t in guide_ids]
+            if len(hits) >= 2:
+                index = torch.tensor([n for n, _ in hits])
+                rows.append((j, index, guide[g, [i for _, i in hits]].clone()))
+                matched += len(hits)
+        positions += len(rows)
+        records.append({
+            "pred": pred.half(), "ids": top.indices.int(), "logits": top.values.half(),
+            "lse": torch.logsumexp(logits, -1), "rows": rows,
+        })
+    torch.save(records, args.out)
+    print(f"{len(records)} trajectories, {positions} positions with targets, "
+          f"{matched / max(1, positions):.0f} candidates matched each -> {args.out}")
+
+
+def guide_logprobs(guidance, pair) -> torch.Tensor:
+    """Row i: the guidance's next-token log-probabilities after i of its response tokens."""
+    ids = torch.tensor([pair.prompt + pair.response])
+    logits = guidance.model(input_ids=ids).logits[0, len(pair.prompt) - 1 :].float()
+    return torch.log_softmax(logits, -1)
+
+
+class LogitAdapter(torch.nn.Module):
+    """log p_θ(c) − log p_base(c) on the base's top K from the base's final hidden state."""
+
+    def __init__(self, embeddings: torch.Tensor, rank: int) -> None:
+        super().__init__()
+        self.embeddings = embeddings  # the base's output embeddings [vocab, d], frozen
+        self.down = torch.nn.Linear(embeddings.shape[1], rank, bias=False)
+        self.up = torch.nn.Linear(rank, embeddings.shape[1], bias=False)
+        torch.nn.init.zeros_(self.up.weight)  # starts as the base itself
+
+    def shifts(self, pred: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """w_c · U Vᵀ h/|h| for each candidate id [P, K]."""
+        moved = self.up(self.down(pred / pred.norm(dim=-1, keepdim=True)))
+        return torch.einsum("pkd,pd->pk", self.embeddings[ids.long()], moved)
+
+    def log_ratios(self, pred, ids, logits, lse) -> torch.Tensor:
+        """log p_θ − log p_base of each of the K candidates [P, K]."""
+        shift = self.shifts(pred, ids)
+        lp = logits.float() - lse[:, None]
+        rest = (1 - lp.exp().sum(-1)).clamp_min(1e-30).log()  # mass outside the top K
+        norm = torch.logsumexp(torch.cat([lp + shift, rest[:, None]], -1), -1)
+        return shift - norm[:, None]
+
+
+def listwise(adapter: LogitAdapter, record: dict) -> tuple[torch.Tensor, float, int] | None:
+    """Mean cross-entropy against softmax(G) over a trajectory's target rows, top-1 agreement."""
+    rows = record["rows"]
+    if not rows:
+        return None
+    at = torch.tensor([j for j, _, _ in rows])
+    scores = record["logits"][at].float() + adapter.shifts(record["pred"][at].float(),
+                                                           record["ids"][at])
+    loss, agree = scores.new_zeros(()), 0.0
+    for n, (_, index, g) in enumerate(rows):
+        mine = torch.log_softmax(scores[n, index], -1)
+        loss = loss - (torch.softmax(g, -1) * mine).sum()
+        agree += float(int(mine.argmax()) == int(g.argmax()))
+    return loss / len(rows), agree / len(rows), len(rows)
+
+
+@torch.no_grad()
+def report(adapter: LogitAdapter, val: list[dict], threshold: float, betas: list[float]) -> str:
+    ce, agree, count = 0.0, 0.0, 0
+    gains: dict[str, list[float]] = {f"β={b:g}": [] for b in betas} | {"oracle": []}
+    for record in val:
+        if (out := listwise(adapter, record)) is not None:
+            ce, agree, count = ce + float(out[0]) * out[2], agree + out[1] * out[2], count + out[2]
+        for j, index, g in record["rows"]:
+            logits = record["logits"][j].float()
+            if float(topk_entropy(logits[:10])) < threshold or int(index[0]) != 0:
+                continue  # not a junction, or the greedy candidate has no G
+            top10 = index < 10
+            if int(top10.sum()) < 2:
+                continue
+            index, g = index[top10], g[top10]
+            ratio = adapter.log_ratios(record["pred"][j : j + 1].float(), record["ids"][j : j + 1],
+                                       record["logits"][j : j + 1], record["lse"][j : j + 1])[0]
+            for b in betas:
+                pick = int((logits[index] + b * ratio[index]).argmax())
+                gains[f"β={b:g}"].append(float(g[pick] - g[0]))
+            gains["oracle"].append(float(g.max() - g[0]))
+    cells = "  ".join(f"G gain {key} {statistics.fmean(x):+.3f} ± "
+                      f"{statistics.pstdev(x) / len(x) ** 0.5:.3f}" for key, x in gains.items())
+    return (f"list CE {ce / count:.3f}, top-1 agreement {agree / count:.3f}; "
+            f"{len(gains['oracle'])} junctions: {cells}")
+
+
+def fit(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    embeddings = base_embeddings()
+    train, val = torch.load(args.train), torch.load(args.val)
+    threshold = load_calibration(args.value).threshold(0.2)
+    adapter = LogitAdapter(embeddings, args.rank)
+    optimizer = torch.optim.AdamW([*adapter.down.parameters(), *adapter.up.parameters()],
+                                  lr=args.lr, weight_decay=0.0)
+    print(f"start: {report(adapter, val, threshold, args.betas)}", flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in tqdm(range(0, len(order), args.batch), desc=f"epoch {epoch + 1}"):
+            losses = [out[0] for i in order[start : start + args.batch]
+                      if (out := listwise(adapter, train[i])) is not None]
+            if not losses:
+                continue
+            optimizer.zero_grad()
+            torch.stack(losses).mean().backward()
+            optimizer.step()
+        print(f"epoch {epoch + 1}: {report(adapter, val, threshold, args.betas)}", flush=True)
+    torch.save({"rank": args.rank, "down": adapter.down.state_dict(),
+                "up": adapter.up.state_dict()}, args.out)
+    print(f"wrote {args.out}")
+
+
+def base_embeddings() -> torch.Tensor:
+    base = load_model("base", ModelSpec(), progress=False)
+    return base.model.get_output_embeddings().weight.detach().float()
+
+
+@torch.no_grad()
+def follow(args: argparse.Namespace) -> None:
+    saved = torch.load(args.adapter)
+    base = load_model("base", ModelSpec(), progress=False)
+    adapter = LogitAdapter(base.model.get_output_embeddings().weight.detach().float(),
+                           saved["rank"])
+    adapter.down.load_state_dict(saved["down"])
+    adapter.up.load_state_dict(saved["up"])
+    calibration = load_calibration(args.value)
+    threshold, k = calibration.threshold(0.2), calibration.k
+    reward = ImplicitReward(base, load_model("guidance", ModelSpec(), progress=False),
+                            progress=False)
+    vocab = vocab_of(base.tokenizer)
+    rewards: dict[float, list[float]] = {b: [] for b in [0.0, *args.betas]}
+    junctions = dict.fromkeys(rewards, 0)
+    steps = dict.fromkeys(rewards, 0)
+    for ex in tqdm(load_split(args.data, "eval", args.limit), desc="answers", unit="prompt"):
+        prompt = build_prompt_ids(base.tokenizer, prompt=ex.prompt, chat=False)
+        texts = []
+        for beta in rewards:
+            answer: list[int] = []
+            for _ in range(args.max_tokens):
+                ids = torch.tensor([prompt + answer])
+                pred = base.model.model(input_ids=ids).last_hidden_state[0, -1:].float()
+                logits = output_logits(base.model, pred)
+                wide = torch.topk(logits, K)  # SIA's top k is its head
+                pick, steps[beta] = 0, steps[beta] + 1
+                if beta > 0 and float(topk_entropy(wide.values[0, :k])) >= threshold:
+                    junctions[beta] += 1
+                    ratio = adapter.log_ratios(pred, wide.indices, wide.values,
+                                               torch.logsumexp(logits, -1))[0, :k]
+                    pick = int((wide.values[0, :k] + beta * ratio).argmax())
+                chosen = int(wide.indices[0, pick])
+                if chosen in base.eos_ids:
+                    break
+                answer.append(chosen)
+                if "\n" in vocab.decode(answer):  # the evaluation's stop for TruthfulQA
+                    break
+            texts.append(vocab.decode(answer).split("\n")[0])
+        for beta, score in zip(rewards, reward.score_batch([ex.prompt] * len(texts), texts),
+                               strict=True):
+            rewards[beta].append(score)
+    greedy = rewards[0.0]
+    print(f"greedy answers ({len(greedy)} prompts): {statistics.fmean(greedy):+.3f}")
+    for beta in args.betas:
+        gains = [a - b for a, b in zip(rewards[beta], greedy, strict=True)]
+        print(f"β={beta:g}: {statistics.fmean(rewards[beta]):+.3f}, paired gain "
+              f"{statistics.fmean(gains):+.3f} ± {statistics.pstdev(gains) / len(gains) ** 0.5:.3f}"
+              f", junctions {junctions[beta] / steps[beta]:.1%} of steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    one = sub.add_parser("collect")
+    one.add_argument("--split", choices=["train", "val"], default="train")
+    one.add_argument("--out", type=Path, required=True)
+    two = sub.add_parser("fit")
+    two.add_argument("--train", type=Path, required=True)
+    two.add_argument("--val", type=Path, required=True)
+    two.add_argument("--out", type=Path, required=True)
+    two.add_argument("--rank", type=int, default=64)
+    two.add_argument("--epochs", type=int, default=2)
+    two.add_argument("--lr", type=float, default=1e-3)
+    two.add_argument("--batch", type=int, default=16)
+    two.add_argument("--seed", type=int, default=0)
+    three = sub.add_parser("follow")
+    three.add_argument("--adapter", type=Path, required=True)
+    three.add_argument("--data", type=Path, required=True)
+    three.add_argument("--limit", type=int, default=32)
+    three.add_argument("--max-tokens", type=int, default=32)
+    for p in (one, two, three):
+        p.add_argument("--value", type=Path, default=SHIPPED)
+    for p in (two, three):
+        p.add_argument("--beta", dest="betas", default="1,2",
+                       type=lambda s: [float(b) for b in s.split(",")])
+    args = parser.parse_args()
+    {"collect": collect, "fit": fit, "follow": follow}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
