@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,6 +59,7 @@ from shared.models import load_model  # noqa: E402
 from shared.prompts import build_prompt_ids  # noqa: E402
 from shared.steering import topk_entropy  # noqa: E402
 from shared.training import encode, load_trajectories  # noqa: E402
+from shared.value_model import attention_projections  # noqa: E402
 
 SHIPPED = Path("shared/defaults/value")
 K = 256  # the base candidates the adapter reweights (SIA reads the top 10)
@@ -192,6 +194,8 @@ def report(adapter: LogitAdapter, val: list[dict], threshold: float, betas: list
 
 
 def fit(args: argparse.Namespace) -> None:
+    if args.lora:
+        return fit_lora(args)
     torch.manual_seed(args.seed)
     embeddings = base_embeddings()
     train, val = torch.load(args.train), torch.load(args.val)
@@ -217,6 +221,115 @@ def fit(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def with_ids(tokenizer, value_dir: Path, name: str, records: list[dict]) -> list[tuple]:
+    """Each record with its trajectory's encoding (collect skipped empty responses)."""
+    out, records_left = [], iter(records)
+    for trajectory in load_trajectories(value_dir / name):
+        enc = encode(tokenizer, trajectory)
+        if len(enc.ids) - enc.start < 2:
+            continue
+        record = next(records_left, None)
+        if record is None or record["pred"].shape[0] != len(enc.ids) - enc.start:
+            raise SystemExit(f"{name}: the records do not follow the trajectories")
+        out.append((enc, record))
+    return out
+
+
+def lora_hidden(model, batch: list[tuple]) -> torch.Tensor:
+    """The adapted backbone's final hidden states of a right-padded batch [B, T, d]."""
+    width = max(len(enc.ids) - 1 for enc, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, (enc, _) in enumerate(batch):
+        ids[b, : len(enc.ids) - 1] = torch.tensor(enc.ids[:-1])
+        mask[b, : len(enc.ids) - 1] = 1
+    return model.get_base_model().model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def lora_listwise(embeddings, batch, hidden) -> tuple[torch.Tensor, float, int]:
+    """Summed cross-entropy of p_θ = softmax(W h_θ) on the matched candidates against
+    softmax(G), top-1 agreements, rows."""
+    loss, agree, rows = hidden.new_zeros(()), 0.0, 0
+    for b, (enc, record) in enumerate(batch):
+        for j, index, g in record["rows"]:
+            scores = embeddings[record["ids"][j][index].long()] @ hidden[b, enc.start - 1 + j]
+            mine = torch.log_softmax(scores.float(), -1)
+            loss = loss - (torch.softmax(g, -1) * mine).sum()
+            agree, rows = agree + float(int(mine.argmax()) == int(g.argmax())), rows + 1
+    return loss, agree, rows
+
+
+@torch.no_grad()
+def lora_report(model, base, val: list[tuple], threshold: float, betas: list[float]) -> str:
+    model.eval()
+    embeddings = base.model.get_output_embeddings().weight
+    ce, agree, count = 0.0, 0.0, 0
+    gains: dict[str, list[float]] = {f"β={b:g}": [] for b in betas} | {"oracle": []}
+    for start in range(0, len(val), 8):
+        batch = val[start : start + 8]
+        hidden = lora_hidden(model, batch)
+        loss, hits, rows = lora_listwise(embeddings, batch, hidden)
+        ce, agree, count = ce + float(loss), agree + hits, count + rows
+        for b, (enc, record) in enumerate(batch):
+            for j, index, g in record["rows"]:
+                logits = record["logits"][j].float()
+                if float(topk_entropy(logits[:10])) < threshold or int(index[0]) != 0:
+                    continue
+                top10 = index < 10
+                if int(top10.sum()) < 2:
+                    continue
+                index, g = index[top10], g[top10]
+                full = output_logits(base.model, hidden[b, enc.start - 1 + j][None])[0]
+                mine = full[record["ids"][j][index].long()] - torch.logsumexp(full, -1)
+                ratio = mine - (logits[index] - record["lse"][j])
+                for beta in betas:
+                    pick = int((logits[index] + beta * ratio).argmax())
+                    gains[f"β={beta:g}"].append(float(g[pick] - g[0]))
+                gains["oracle"].append(float(g.max() - g[0]))
+    model.train()
+    cells = "  ".join(
+        f"G gain {key} {statistics.fmean(x):+.3f} ± {statistics.pstdev(x) / len(x) ** 0.5:.3f}"
+        for key, x in gains.items()
+    )
+    return (
+        f"list CE {ce / count:.3f}, top-1 agreement {agree / count:.3f}; "
+        f"{len(gains['oracle'])} junctions: {cells}"
+    )
+
+
+def fit_lora(args: argparse.Namespace) -> None:
+    """LoRA (rank `--lora`, α = 2·rank, the attention projections) on the base itself,
+    trained listwise through p_θ = softmax(W h_θ): V(c) = log p_θ(c) − log p_base(c)."""
+    torch.manual_seed(args.seed)
+    base = load_model("base", ModelSpec(), progress=False)
+    train = with_ids(base.tokenizer, args.value, "trajectories.jsonl", torch.load(args.train))
+    val = with_ids(base.tokenizer, args.value, "val_trajectories.jsonl", torch.load(args.val))
+    threshold = load_calibration(args.value).threshold(0.2)
+    config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+                        target_modules=list(attention_projections(base.model)))
+    model = get_peft_model(base.model, config)
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    embeddings = base.model.get_output_embeddings().weight.detach()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    print(f"start: {lora_report(model, base, val, threshold, args.betas)}", flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in tqdm(range(0, len(order), 8), desc=f"epoch {epoch + 1}"):
+            batch = [train[i] for i in order[start : start + 8]]
+            loss, _, rows = lora_listwise(embeddings, batch, lora_hidden(model, batch))
+            if rows:
+                optimizer.zero_grad()
+                (loss / rows).backward()
+                optimizer.step()
+        report = lora_report(model, base, val, threshold, args.betas)
+        print(f"epoch {epoch + 1}: {report}", flush=True)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}")
+
+
 def base_embeddings() -> torch.Tensor:
     base = load_model("base", ModelSpec(), progress=False)
     return base.model.get_output_embeddings().weight.detach().float()
@@ -224,12 +337,16 @@ def base_embeddings() -> torch.Tensor:
 
 @torch.no_grad()
 def follow(args: argparse.Namespace) -> None:
-    saved = torch.load(args.adapter)
     base = load_model("base", ModelSpec(), progress=False)
-    adapter = LogitAdapter(base.model.get_output_embeddings().weight.detach().float(),
-                           saved["rank"])
-    adapter.down.load_state_dict(saved["down"])
-    adapter.up.load_state_dict(saved["up"])
+    if args.adapter.is_dir():  # fit --lora's output: the LoRA'd base's own log-ratio
+        lora = load_model("value", ModelSpec(), progress=False).model
+        lora = PeftModel.from_pretrained(lora, str(args.adapter)).eval()
+    else:
+        saved = torch.load(args.adapter)
+        adapter = LogitAdapter(base.model.get_output_embeddings().weight.detach().float(),
+                               saved["rank"])
+        adapter.down.load_state_dict(saved["down"])
+        adapter.up.load_state_dict(saved["up"])
     calibration = load_calibration(args.value)
     threshold, k = calibration.threshold(0.2), calibration.k
     reward = ImplicitReward(base, load_model("guidance", ModelSpec(), progress=False),
@@ -251,8 +368,13 @@ def follow(args: argparse.Namespace) -> None:
                 pick, steps[beta] = 0, steps[beta] + 1
                 if beta > 0 and float(topk_entropy(wide.values[0, :k])) >= threshold:
                     junctions[beta] += 1
-                    ratio = adapter.log_ratios(pred, wide.indices, wide.values,
-                                               torch.logsumexp(logits, -1))[0, :k]
+                    if args.adapter.is_dir():
+                        adapted = lora(input_ids=ids).logits[0, -1].float()
+                        shift = torch.log_softmax(adapted, -1) - torch.log_softmax(logits[0], -1)
+                        ratio = shift[wide.indices[0, :k]]
+                    else:
+                        ratio = adapter.log_ratios(pred, wide.indices, wide.values,
+                                                   torch.logsumexp(logits, -1))[0, :k]
                     pick = int((wide.values[0, :k] + beta * ratio).argmax())
                 chosen = int(wide.indices[0, pick])
                 if chosen in base.eos_ids:
@@ -288,6 +410,8 @@ def main() -> None:
     two.add_argument("--lr", type=float, default=1e-3)
     two.add_argument("--batch", type=int, default=16)
     two.add_argument("--seed", type=int, default=0)
+    two.add_argument("--lora", type=int, default=0,
+                     help="train LoRA of this rank on the base instead of the logit adapter")
     three = sub.add_parser("follow")
     three.add_argument("--adapter", type=Path, required=True)
     three.add_argument("--data", type=Path, required=True)
