@@ -485,7 +485,8 @@ class Engine:
                 fam, n = s.families["base"], s.policy.entropy_k
                 pairs = zip(top.ids[:n], top.texts[:n], strict=True)
                 candidates = [Commit(t, (i,), fam) for i, t in pairs]
-                score.append((s, ScoreRequest(s.id, candidates, append=s.unseen("value"))))
+                score.append((s, ScoreRequest(s.id, candidates, append=s.unseen("value"),
+                                              logprobs=top.logprobs[:n])))
             elif s.policy.policy in BLEND_POLICIES:
                 if s.id in early and not steps[s.id].earlier:
                     ready[s.id] = early.pop(s.id)  # taken at this step's text

@@ -6,6 +6,9 @@ one guidance forward per trajectory — and a logit adapter trained on them.
     python scripts/listwise_targets.py fit --train train.pt --val val.pt --out adapter.pt
     python scripts/listwise_targets.py follow --adapter adapter.pt \
         --data ../shared/data/truthfulqa_dev.csv --limit 32 --beta 1,2
+    python scripts/listwise_targets.py fit --lora 16 --lr 1e-4 --train train.pt --val val.pt \
+        --out ratio     # a log-ratio value model directory: `junction ... --value ratio`
+    python scripts/listwise_targets.py loss --adapter ratio
 
 `collect` walks the shipped value model's stored trajectories (`trajectories.jsonl`, or
 `val_trajectories.jsonl` for `--split val`). Per trajectory it runs the base once (its final
@@ -27,6 +30,12 @@ guidance, and at SIA's junctions (top-10 entropy over the calibrated 0.2 thresho
 greedy candidate and at least one other matched) the G gained over greedy by the choice of
 logit + β·V among the matched top 10, against the oracle (the best G among them).
 
+`fit --lora R` trains LoRA of rank R on the base itself instead, through the base's own
+output embeddings, and writes a log-ratio value model (`shared/value_model.py`): V(c) =
+log p_θ(c) − log p_base(c), which the value runner serves to SIA like any value model. `loss`
+gives its SIA validation loss on the shipped value model's evaluation-row trajectories
+(mean_t V_t is the adapted model's own implicit reward), beside the constant predictor's.
+
 `follow` decodes the evaluation rows greedily with the base and, at the same junctions,
 takes the candidate of largest logit + β·V; each answer is scored with the implicit reward
 against the greedy answer (paired), as `scripts/value_ranking.py --follow` does.
@@ -35,8 +44,10 @@ against the greedy answer (paired), as `scripts/value_ranking.py --follow` does.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,11 +57,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.bridge import vocab_of  # noqa: E402
-from shared.calibration import load_calibration  # noqa: E402
+from shared.calibration import CALIBRATION_FILE, load_calibration  # noqa: E402
 from shared.config import ModelSpec  # noqa: E402
 from shared.datasets import load_split  # noqa: E402
 from shared.implicit_reward import (  # noqa: E402
     ImplicitReward,
+    batched_token_logprobs,
     byte_ends,
     encode_pair,
     output_logits,
@@ -59,7 +71,11 @@ from shared.models import load_model  # noqa: E402
 from shared.prompts import build_prompt_ids  # noqa: E402
 from shared.steering import topk_entropy  # noqa: E402
 from shared.training import encode, load_trajectories  # noqa: E402
-from shared.value_model import attention_projections  # noqa: E402
+from shared.value_model import (  # noqa: E402
+    attention_projections,
+    load_log_ratio_model,
+    save_log_ratio_model,
+)
 
 SHIPPED = Path("shared/defaults/value")
 K = 256  # the base candidates the adapter reweights (SIA reads the top 10)
@@ -313,7 +329,8 @@ def fit_lora(args: argparse.Namespace) -> None:
         p.requires_grad_(True)
     embeddings = base.model.get_output_embeddings().weight.detach()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    print(f"start: {lora_report(model, base, val, threshold, args.betas)}", flush=True)
+    history = [{"epoch": 0, "val": lora_report(model, base, val, threshold, args.betas)}]
+    print(f"start: {history[0]['val']}", flush=True)
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         order = torch.randperm(len(train), generator=generator).tolist()
@@ -324,10 +341,21 @@ def fit_lora(args: argparse.Namespace) -> None:
                 optimizer.zero_grad()
                 (loss / rows).backward()
                 optimizer.step()
-        report = lora_report(model, base, val, threshold, args.betas)
-        print(f"epoch {epoch + 1}: {report}", flush=True)
-    model.save_pretrained(args.out)
-    print(f"wrote {args.out}")
+        history.append({"epoch": epoch + 1,
+                        "val": lora_report(model, base, val, threshold, args.betas)})
+        print(f"epoch {epoch + 1}: {history[-1]['val']}", flush=True)
+    command = (f"python scripts/listwise_targets.py fit --lora {args.lora} --lr {args.lr} "
+               f"--epochs {args.epochs} --seed {args.seed} --train {args.train.name} "
+               f"--val {args.val.name} --out {args.out.name}")  # file names, no paths
+    meta = {"backbone": "default", "command": command,
+            "objective": "listwise cross-entropy against softmax(G) over the base's top "
+                         f"{K} candidates", "history": history,
+            "data": {"train": len(train), "val": len(val)},
+            "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": 8,
+                         "seed": args.seed}}
+    save_log_ratio_model(model, args.out, meta)
+    shutil.copy(args.value / CALIBRATION_FILE, args.out / CALIBRATION_FILE)  # SIA's thresholds
+    print(f"wrote {args.out}: a log-ratio value model (`--value {args.out}`)")
 
 
 def base_embeddings() -> torch.Tensor:
@@ -395,6 +423,46 @@ def follow(args: argparse.Namespace) -> None:
               f", junctions {junctions[beta] / steps[beta]:.1%} of steps")
 
 
+@torch.no_grad()
+def loss(args: argparse.Namespace) -> None:
+    """SIA's validation loss for a log-ratio value model, comparable with a head model's.
+
+    With V_t = log p_θ(y_t) − log p_base(y_t), mean_t V_t is the adapted model's own implicit
+    reward, so SIA's loss (mean_t V_t − R)² is the head models' validation loss on the same
+    trajectories; also per token, (V_t − r_t)², against the constants of the training set."""
+    base = load_model("base", ModelSpec(), progress=False)
+    value = load_model("value", ModelSpec(), progress=False)
+    value = replace(value, model=load_log_ratio_model(args.adapter, value.model))
+    sets = {}
+    for name in ("trajectories.jsonl", "val_trajectories.jsonl"):
+        rows = load_trajectories(args.value / name)[: args.rows]
+        pairs = [encode_pair(base, t.prompt, t.response, chat=False) for t in rows]
+        lp = [batched_token_logprobs(m, pairs, 8, f"{name}: {m.name}", True) for m in (base, value)]
+        ratios = [[a - b for a, b in zip(t, s, strict=True)] for s, t in zip(*lp, strict=True)]
+        sets[name] = (rows, ratios)
+    train, val = sets["trajectories.jsonl"], sets["val_trajectories.jsonl"]
+    constant = statistics.fmean(t.reward for t in train[0])
+    token_constant = statistics.fmean(r for t in train[0] for r in t.token_rewards)
+
+    def sia_loss(rows, ratios, a=1.0, b=0.0) -> float:
+        return statistics.fmean((a * statistics.fmean(v or [0.0]) + b - t.reward) ** 2
+                                for t, v in zip(rows, ratios, strict=True))
+
+    # the least-squares affine map of mean_t V_t onto R, fitted on the training trajectories
+    x = torch.tensor([statistics.fmean(v or [0.0]) for v in train[1]], dtype=torch.float64)
+    y = torch.tensor([t.reward for t in train[0]], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+    flat = [(v, r) for t, vs in zip(*val, strict=True) for v, r in zip(vs, t.token_rewards,
+                                                                       strict=True)]
+    print(f"validation: {len(val[0])} trajectories, {len(flat)} tokens; training: "
+          f"{len(train[0])} (constants: R {constant:+.4f}, r_t {token_constant:+.4f})")
+    print(f"SIA's loss: constant {sia_loss(val[0], [[]] * len(val[0]), 0.0, constant):.4f}, "
+          f"log-ratio {sia_loss(*val):.4f}, "
+          f"affine ({float(a):.3f}·V {float(b):+.3f}) {sia_loss(*val, float(a), float(b)):.4f}")
+    print(f"per token: constant {statistics.fmean((token_constant - r) ** 2 for _, r in flat):.3f}"
+          f", log-ratio {statistics.fmean((v - r) ** 2 for v, r in flat):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -423,7 +491,11 @@ def main() -> None:
         p.add_argument("--beta", dest="betas", default="1,2",
                        type=lambda s: [float(b) for b in s.split(",")])
     args = parser.parse_args()
-    {"collect": collect, "fit": fit, "follow": follow}[args.stage](args)
+    four = sub.add_parser("loss")
+    four.add_argument("--adapter", type=Path, required=True)
+    four.add_argument("--rows", type=int, default=None, help="the first N of each file")
+    four.add_argument("--value", type=Path, default=SHIPPED)
+    {"collect": collect, "fit": fit, "follow": follow, "loss": loss}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ tokens committed since the last call through the model (extending that cache), t
 all k candidates in one batch of k whose cache holds expanded views of the prefix cache, so
 the prefix is never recomputed and the stored cache is never written. Work per call is the
 new prefix tokens plus the candidates' own tokens, not k full sequences.
+
+A log-ratio value model (`shared.value_model`, LoRA on the base) needs no candidate batch:
+V(c) = log p_θ(c | prefix) − log p_base(c | prefix) for each of the base's own candidate
+tokens, read from the adapted model's next-token distribution after the prefix forward, less
+the base's log-probabilities that came with the request. Work per call is the new prefix
+tokens only; the full-vocabulary distribution never leaves this process.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from shared.models import LoadedModel, load_model
 from shared.prompts import build_prompt_ids
 from shared.sources import DEFAULT_VALUE_DIR, check_adapter
 from shared.types import Failure, ModelInfo, ScoreRequest, ScoreResult, failure
-from shared.value_model import ValueModel, load_value_model
+from shared.value_model import (
+    ValueModel,
+    load_log_ratio_model,
+    load_value_model,
+    read_value_meta,
+    value_kind,
+)
 
 
 @dataclass(slots=True)
@@ -32,14 +44,20 @@ class _Sequence:
     cache: DynamicCache
     cached: int = 0  # tokens of text.ids already in the cache
     last_value: float = 0.0  # V at the last cached token (the value of an empty candidate)
+    last_logprobs: torch.Tensor | None = None  # log-ratio kind: log p_θ of the next token
 
 
 class ValueRunner:
     def __init__(
-        self, loaded: LoadedModel, value: ValueModel, calibration: Calibration | None = None
+        self,
+        loaded: LoadedModel,
+        value: ValueModel | torch.nn.Module,
+        calibration: Calibration | None = None,
     ) -> None:
         self.loaded = loaded
         self.value = value.eval()
+        # a ValueModel (scalar head), or a causal LM: the base with a log-ratio model's LoRA
+        self.log_ratio = not isinstance(value, ValueModel)
         self.calibration = calibration  # SIA's thresholds saved beside this value model
         self.tokenizer = loaded.tokenizer
         self.family = loaded.family
@@ -51,7 +69,10 @@ class ValueRunner:
         """Load the backbone and the adapter; None = the shipped default adapter."""
         adapter_dir = check_adapter(DEFAULT_VALUE_DIR if adapter_dir is None else Path(adapter_dir))
         loaded = load_model("value", backbone_spec)
-        value = load_value_model(adapter_dir, loaded.model, merge=True)
+        if value_kind(read_value_meta(adapter_dir)) == "log_ratio":
+            value = load_log_ratio_model(adapter_dir, loaded.model)
+        else:
+            value = load_value_model(adapter_dir, loaded.model, merge=True)
         return cls(loaded, value, load_calibration(adapter_dir))
 
     # ----------------------------------------------------------------- lifecycle
@@ -64,6 +85,7 @@ class ValueRunner:
             max_context=self.loaded.max_context,
             device=str(self.device),
             calibration=self.calibration.to_dict() if self.calibration else None,
+            value_kind="log_ratio" if self.log_ratio else "head",
         )
 
     def open(
@@ -107,6 +129,8 @@ class ValueRunner:
             seq.text.apply(commit)
         new = self._extend_prefix(seq)
         cand_ids = [seq.text.ids_for(c) for c in req.candidates]  # the bridge's one rule
+        if self.log_ratio:
+            return ScoreResult(req.seq_id, self._log_ratios(seq, cand_ids, req.logprobs), new)
         values = self._score_candidates(seq, cand_ids)
         return ScoreResult(req.seq_id, values, new + sum(len(ids) for ids in cand_ids))
 
@@ -123,12 +147,39 @@ class ValueRunner:
             return 0
         ids = torch.tensor([new], device=self.device)
         positions = torch.arange(seq.cached, seq.cached + len(new), device=self.device)[None]
-        values, _ = self.value(
-            ids, position_ids=positions, past_key_values=seq.cache, use_cache=True
-        )
+        if self.log_ratio:
+            logits = self.value(
+                input_ids=ids, position_ids=positions, past_key_values=seq.cache,
+                use_cache=True, logits_to_keep=1,
+            ).logits
+            seq.last_logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)
+        else:
+            values, _ = self.value(
+                ids, position_ids=positions, past_key_values=seq.cache, use_cache=True
+            )
+            seq.last_value = float(values[0, -1])
         seq.cached += len(new)
-        seq.last_value = float(values[0, -1])
         return len(new)
+
+    @staticmethod
+    def _log_ratios(
+        seq: _Sequence, cand_ids: list[list[int]], base_logprobs: list[float] | None
+    ) -> list[float]:
+        """V(c) = log p_θ(c) − log p_base(c) for candidates that are single base tokens."""
+        if base_logprobs is None or len(base_logprobs) != len(cand_ids):
+            raise ValueError(
+                "a log-ratio value model scores the base's candidate tokens at a junction, "
+                "given their base log-probabilities; it cannot score whole completions "
+                "(best-of-N by value needs a value model with a head, or a reward source)"
+            )
+        if any(len(ids) != 1 for ids in cand_ids) or seq.last_logprobs is None:
+            raise ValueError(
+                "a log-ratio value model scores single tokens of its own vocabulary: "
+                "it must be LoRA on the base model being served"
+            )
+        ids = torch.tensor([c[0] for c in cand_ids], device=seq.last_logprobs.device)
+        adapted = seq.last_logprobs[ids]
+        return (adapted.double() - torch.tensor(base_logprobs, dtype=torch.float64)).tolist()
 
     def _score_candidates(self, seq: _Sequence, cand_ids: list[list[int]]) -> list[float]:
         """V(prefix ⊕ c) for each candidate, in one right-padded batch over the shared prefix."""

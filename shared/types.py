@@ -113,6 +113,8 @@ class ScoreRequest:
     seq_id: str
     candidates: list[Commit]
     append: list[Commit] = field(default_factory=list)
+    # the driver's log-probabilities of the candidates (a log-ratio value model needs them)
+    logprobs: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -154,6 +156,7 @@ class ModelInfo:
     max_context: int
     device: str
     calibration: dict | None = None  # value role: SIA's calibrated entropy thresholds, if any
+    value_kind: str | None = None  # value role: "head" or "log_ratio" (shared.value_model)
 
 
 @dataclass(slots=True)

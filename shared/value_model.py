@@ -7,6 +7,12 @@ its language-model head: the value model never pays for a full-vocabulary projec
 On disk a value model is a directory holding the peft adapter (`adapter_config.json`,
 `adapter_model.safetensors`), the head (`value_head.safetensors`) and `junction_value.json`
 (where the backbone came from, the LoRA settings, how it was trained).
+
+A second kind (`"kind": "log_ratio"` in `junction_value.json`, no head file) is LoRA on the
+base model itself: V(c) = log p_θ(c | x) − log p_base(c | x), the log-ratio of the adapted and
+the plain base's next-token probabilities — the emulated-fine-tuning form of a token-level
+value, so that logit + V ranks the base's candidates as the adapted model does. It scores the
+base's own tokens at a junction in one forward of the prefix (no candidate tokens to run).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 HEAD_FILE = "value_head.safetensors"
 META_FILE = "junction_value.json"
 FORMAT_VERSION = 1
+KINDS = ("head", "log_ratio")  # a scalar head on the backbone; LoRA on the base, V = log-ratio
 
 
 @dataclass(slots=True)
@@ -159,11 +166,41 @@ def save_value_model(vm: ValueModel, out_dir: Path, meta: dict) -> None:
     (out_dir / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def save_log_ratio_model(peft_model: PeftModel, out_dir: Path, meta: dict) -> None:
+    """Write a log-ratio value model: the base's LoRA and `junction_value.json` (kind added)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = str(meta.get("backbone", ""))
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    (out_dir / "README.md").unlink(missing_ok=True)
+    lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(config.target_modules)}
+    record = {**meta, "format": FORMAT_VERSION, "kind": "log_ratio", "lora": lora}
+    (out_dir / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def read_value_meta(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a value-model directory")
     return json.loads(path.read_text())
+
+
+def value_kind(meta: dict) -> str:
+    """"head" (a scalar head; the default for directories that do not say) or "log_ratio"."""
+    kind = meta.get("kind", "head")
+    if kind not in KINDS:
+        raise ValueError(f"unknown value-model kind {kind!r}; expected one of {KINDS}")
+    return kind
+
+
+def load_log_ratio_model(adapter_dir: Path, backbone: torch.nn.Module) -> torch.nn.Module:
+    """The base with a log-ratio value model's LoRA merged in (in place), in eval mode."""
+    model = PeftModel.from_pretrained(backbone, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def _load_head(adapter_dir: Path, backbone: torch.nn.Module) -> torch.nn.Linear:
@@ -184,6 +221,8 @@ def load_value_model(
 ) -> ValueModel:
     """A value model in eval mode; merge=True folds LoRA into the backbone weights (in place)."""
     meta = read_value_meta(adapter_dir)
+    if value_kind(meta) != "head":
+        raise ValueError(f"{adapter_dir} holds a {value_kind(meta)} value model, not a head")
     lora_meta = dict(meta.get("lora", {}))
     lora_meta["target_modules"] = tuple(lora_meta.get("target_modules") or ()) or None
     lora = LoraSettings(**lora_meta)
