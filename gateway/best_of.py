@@ -59,6 +59,10 @@ async def generate_many(
 
 
 class Scorer(Protocol):
+    def check(self, engine: Engine) -> None:
+        """ValueError if this scorer cannot score on this engine (asked before generating)."""
+        ...
+
     async def score(
         self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
     ) -> tuple[list[float], int]:
@@ -69,11 +73,21 @@ class Scorer(Protocol):
 class ValueScorer:
     """V(x, y) at the last token of each full completion, from the engine's value worker."""
 
+    def check(self, engine: Engine) -> None:
+        if "value" not in engine.workers:
+            raise ValueError("best-of-N by value needs a value model (or pass a reward source)")
+        info = engine.infos.get("value")
+        if info is not None and info.value_kind == "log_ratio":
+            raise ValueError(
+                "best-of-N by value needs a value model with a head: the one served is a "
+                "log-ratio model, which scores a junction's candidate tokens, not whole "
+                "completions (serve --value shared/defaults/value_head, or pass a reward source)"
+            )
+
     async def score(
         self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
     ) -> tuple[list[float], int]:
-        if "value" not in engine.workers:
-            raise ValueError("best-of-N by value needs a value model (or pass a reward source)")
+        self.check(engine)
         value = engine.workers["value"]
         seq_id = f"best-of-{uuid.uuid4().hex}"
         await value.call("open", seq_id, req.prompt, req.messages)
@@ -92,6 +106,9 @@ class RewardScorer:
     def __init__(self, source: RewardSource, refs: References | None = None) -> None:
         self.source = source
         self.refs = refs
+
+    def check(self, engine: Engine) -> None:
+        return None  # a reward source needs no worker
 
     async def score(
         self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
@@ -158,6 +175,7 @@ async def best_of_n(
     """
     if not 1 <= n <= engine.limits.max_n:
         raise ValueError(f"n: between 1 and {engine.limits.max_n}")
+    scorer.check(engine)
     results = list(await asyncio.gather(*(engine.generate(r) for r in samples_of(req, n))))
     scores, work = await scorer.score(engine, req, results)
     usable = [s if r.finish_reason != "error" else float("-inf") for s, r in zip(

@@ -55,7 +55,7 @@ from shared.training import (  # noqa: E402
 )
 from shared.value_model import HEAD_FILE, load_value_model  # noqa: E402
 
-SHIPPED = Path("shared/defaults/value")
+SHIPPED = Path("shared/defaults/value_head")  # the head model, its trajectories
 CPU = torch.device("cpu")
 
 

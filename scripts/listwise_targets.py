@@ -44,6 +44,7 @@ against the greedy answer (paired), as `scripts/value_ranking.py --follow` does.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -72,12 +73,13 @@ from shared.prompts import build_prompt_ids  # noqa: E402
 from shared.steering import topk_entropy  # noqa: E402
 from shared.training import encode, load_trajectories  # noqa: E402
 from shared.value_model import (  # noqa: E402
+    META_FILE,
     attention_projections,
     load_log_ratio_model,
     save_log_ratio_model,
 )
 
-SHIPPED = Path("shared/defaults/value")
+SHIPPED = Path("shared/defaults/value_head")  # the head model, its trajectories
 K = 256  # the base candidates the adapter reweights (SIA reads the top 10)
 
 
@@ -454,13 +456,28 @@ def loss(args: argparse.Namespace) -> None:
     a, b = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
     flat = [(v, r) for t, vs in zip(*val, strict=True) for v, r in zip(vs, t.token_rewards,
                                                                        strict=True)]
+    losses = {
+        "constant_val_loss": sia_loss(val[0], [[]] * len(val[0]), 0.0, constant),
+        "val_loss": sia_loss(*val),
+        "affine": [float(a), float(b)],
+        "affine_val_loss": sia_loss(*val, float(a), float(b)),
+        "token_constant_mse": statistics.fmean((token_constant - r) ** 2 for _, r in flat),
+        "token_mse": statistics.fmean((v - r) ** 2 for v, r in flat),
+        "val": len(val[0]), "train": len(train[0]), "val_tokens": len(flat),
+        "command": "python scripts/listwise_targets.py loss --adapter "
+                   + str(args.adapter.name if args.adapter.is_absolute() else args.adapter),
+    }
     print(f"validation: {len(val[0])} trajectories, {len(flat)} tokens; training: "
           f"{len(train[0])} (constants: R {constant:+.4f}, r_t {token_constant:+.4f})")
-    print(f"SIA's loss: constant {sia_loss(val[0], [[]] * len(val[0]), 0.0, constant):.4f}, "
-          f"log-ratio {sia_loss(*val):.4f}, "
-          f"affine ({float(a):.3f}·V {float(b):+.3f}) {sia_loss(*val, float(a), float(b)):.4f}")
-    print(f"per token: constant {statistics.fmean((token_constant - r) ** 2 for _, r in flat):.3f}"
-          f", log-ratio {statistics.fmean((v - r) ** 2 for v, r in flat):.3f}")
+    print(f"SIA's loss: constant {losses['constant_val_loss']:.4f}, log-ratio "
+          f"{losses['val_loss']:.4f}, affine ({float(a):.3f}·V {float(b):+.3f}) "
+          f"{losses['affine_val_loss']:.4f}")
+    print(f"per token: constant {losses['token_constant_mse']:.3f}, "
+          f"log-ratio {losses['token_mse']:.3f}")
+    meta_path = args.adapter / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["losses"] = losses  # recorded beside how the model was trained
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
@@ -490,11 +507,11 @@ def main() -> None:
     for p in (two, three):
         p.add_argument("--beta", dest="betas", default="1,2",
                        type=lambda s: [float(b) for b in s.split(",")])
-    args = parser.parse_args()
     four = sub.add_parser("loss")
     four.add_argument("--adapter", type=Path, required=True)
     four.add_argument("--rows", type=int, default=None, help="the first N of each file")
     four.add_argument("--value", type=Path, default=SHIPPED)
+    args = parser.parse_args()
     {"collect": collect, "fit": fit, "follow": follow, "loss": loss}[args.stage](args)
 
 

@@ -1,7 +1,7 @@
 """Does the value model rank SIA's junction candidates as the implicit reward does?
 
     python scripts/value_ranking.py --data ../shared/data/truthfulqa_dev.csv --limit 32 \
-        --value shared/defaults/value --ratio 0.2 --out ranking.json
+        --value shared/defaults/value_head --ratio 0.2 --out ranking.json
 
 The base answers each prompt greedily (the embedded pair, as `junction evaluate` prompts it).
 At each step whose top-k entropy reaches the calibrated threshold for `--ratio` (a junction
@@ -174,7 +174,7 @@ def junction(ex, t, prompt, answer, logits, top, value, guidance, vocab) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--value", type=Path, default=Path("shared/defaults/value"))
+    parser.add_argument("--value", type=Path, default=Path("shared/defaults/value_head"))
     parser.add_argument("--split", default="eval")
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.2)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from gateway.best_of import ValueScorer, best_of_n
 from gateway.engine import Engine
 from gateway.sequence import GenerationRequest
 from services.handles import LocalHandle
@@ -49,6 +50,23 @@ def saved(tiny_gemma, tmp_path_factory) -> tuple[Path, PeftModel]:
     peft = adapted(tiny_gemma.path)
     save_log_ratio_model(peft, out, {"backbone": str(tiny_gemma.path)})
     return out, peft
+
+
+def on_engine(backbone: Path, value_dir: Path, work):
+    """await work(engine) on a started engine over the tiny base and this value model."""
+    spec = ModelSpec(source=str(backbone))
+    base = LMRunner(load_model("base", spec, progress=False), "base", chat=False)
+    engine = Engine({"base": LocalHandle(base),
+                     "value": LocalHandle(ValueRunner.from_paths(spec, value_dir))})
+
+    async def main():
+        await engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
 
 
 @torch.no_grad()
@@ -110,21 +128,9 @@ def test_runner_refuses_what_a_log_ratio_cannot_score(saved, tiny_gemma) -> None
 def test_sia_through_the_engine_takes_the_adapted_models_choice(saved, tiny_gemma) -> None:
     """Dense SIA with β = 1 and argmax ranks the base's top 10 by log p_base + V = log p_θ."""
     out, peft = saved
-    spec = ModelSpec(source=str(tiny_gemma.path))
-    base = LMRunner(load_model("base", spec, progress=False), "base", chat=False)
-    engine = Engine({"base": LocalHandle(base),
-                     "value": LocalHandle(ValueRunner.from_paths(spec, out))})
     policy = PolicyConfig("dense", beta=1.0, value_temperature=0.0)
     req = GenerationRequest(prompt=PROMPT, sampling=SamplingParams(12), policy=policy)
-
-    async def main():
-        await engine.start()
-        try:
-            return await engine.generate(req)
-        finally:
-            await engine.close()
-
-    result = asyncio.run(main())
+    result = on_engine(tiny_gemma.path, out, lambda engine: engine.generate(req))
     ids = build_prompt_ids(tiny_gemma.tokenizer, prompt=PROMPT, chat=False)
     expected: list[int] = []
     for _ in range(12):
@@ -137,3 +143,15 @@ def test_sia_through_the_engine_takes_the_adapted_models_choice(saved, tiny_gemm
     for _ in range(12):
         greedy.append(int(next_logprobs(peft, ids + greedy)[1].argmax()))
     assert expected != greedy  # the value model changed the answer
+
+
+def test_best_of_by_a_log_ratio_value_is_a_clear_best_of_error(saved, tiny_gemma) -> None:
+    out, _ = saved
+    req = GenerationRequest(prompt=PROMPT, sampling=SamplingParams(4, temperature=1.0, seed=0))
+
+    async def best(engine: Engine):
+        with pytest.raises(ValueError, match="log-ratio model") as err:
+            await best_of_n(engine, req, 2, ValueScorer())
+        assert str(err.value).startswith("best-of-N by value")  # the API's 400 on best_of
+
+    on_engine(tiny_gemma.path, out, best)
