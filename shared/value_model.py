@@ -143,6 +143,17 @@ def build_value_model(
     return ValueModel(peft_model, head, replace(lora, target_modules=targets))
 
 
+def _save_adapter(peft_model: PeftModel, out_dir: Path, meta: dict) -> Path:
+    """Write the peft adapter into out_dir (created); returns it as a Path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The adapter records the backbone by its source, never by where this machine cached it.
+    peft_model.peft_config["default"].base_model_name_or_path = str(meta.get("backbone", ""))
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)  # no hub look-up
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    return out_dir
+
+
 def save_value_model(vm: ValueModel, out_dir: Path, meta: dict) -> None:
     """Write the adapter, the head and `junction_value.json` (meta + LoRA settings).
 
@@ -151,12 +162,7 @@ def save_value_model(vm: ValueModel, out_dir: Path, meta: dict) -> None:
     """
     if not isinstance(vm.backbone, PeftModel):
         raise ValueError("this value model's LoRA is merged into its backbone; save it before")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The adapter records the backbone by its source, never by where this machine cached it.
-    vm.backbone.peft_config["default"].base_model_name_or_path = str(meta.get("backbone", ""))
-    vm.backbone.save_pretrained(out_dir, save_embedding_layers=False)  # no hub look-up
-    (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    out_dir = _save_adapter(vm.backbone, out_dir, meta)
     head = {name: t.detach().cpu().contiguous() for name, t in vm.head.state_dict().items()}
     save_file(head, out_dir / HEAD_FILE)
     lora = asdict(vm.lora)
@@ -168,12 +174,8 @@ def save_value_model(vm: ValueModel, out_dir: Path, meta: dict) -> None:
 
 def save_log_ratio_model(peft_model: PeftModel, out_dir: Path, meta: dict) -> None:
     """Write a log-ratio value model: the base's LoRA and `junction_value.json` (kind added)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _save_adapter(peft_model, out_dir, meta)
     config = peft_model.peft_config["default"]
-    config.base_model_name_or_path = str(meta.get("backbone", ""))
-    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
-    (out_dir / "README.md").unlink(missing_ok=True)
     lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
             "target_modules": sorted(config.target_modules)}
     record = {**meta, "format": FORMAT_VERSION, "kind": "log_ratio", "lora": lora}

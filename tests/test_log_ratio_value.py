@@ -13,7 +13,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from gateway.best_of import ValueScorer, best_of_n
 from gateway.engine import Engine
 from gateway.sequence import GenerationRequest
-from services.handles import LocalHandle
 from services.lm_runner import LMRunner
 from services.value_runner import ValueRunner
 from shared.config import ModelSpec, PolicyConfig, SamplingParams
@@ -26,6 +25,7 @@ from shared.value_model import (
     read_value_meta,
     save_log_ratio_model,
 )
+from tests.test_engine import started
 
 PROMPT = "the cat sat on the mat and the dog sat on the"
 
@@ -55,16 +55,12 @@ def saved(tiny_gemma, tmp_path_factory) -> tuple[Path, PeftModel]:
 def on_engine(backbone: Path, value_dir: Path, work):
     """await work(engine) on a started engine over the tiny base and this value model."""
     spec = ModelSpec(source=str(backbone))
-    base = LMRunner(load_model("base", spec, progress=False), "base", chat=False)
-    engine = Engine({"base": LocalHandle(base),
-                     "value": LocalHandle(ValueRunner.from_paths(spec, value_dir))})
+    runners = {"base": LMRunner(load_model("base", spec, progress=False), "base", chat=False),
+               "value": ValueRunner.from_paths(spec, value_dir)}
 
     async def main():
-        await engine.start()
-        try:
+        async with started(runners) as engine:
             return await work(engine)
-        finally:
-            await engine.close()
 
     return asyncio.run(main())
 
