@@ -541,9 +541,9 @@ class Engine:
             at_start = at_answer_start(seq)
             text, alpha = blendin_choose(
                 top.texts,
-                [math.exp(lp) for lp in top.logprobs],
+                list(map(math.exp, top.logprobs)),
                 guide.top.texts,
-                [math.exp(lp) for lp in guide.top.logprobs],
+                list(map(math.exp, guide.top.logprobs)),
                 policy.lam,
                 alpha=policy.alpha,
                 at_start=at_start,

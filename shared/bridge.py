@@ -27,10 +27,11 @@ whatever came before: the text of its piece as the decoder writes it after a pla
 each `Vocab` keeps a table of those texts, filled once per token id, and a step looks its
 candidates up instead of decoding each one in its window. Where that does not hold, the
 candidate is decoded in its window as before: unfinished-character bytes at the end of the
-text, a window that decodes to nothing (decoders that strip a leading space), tokens whose
-bytes are not valid UTF-8 on their own, and the byte tokens of byte-fallback decoders (which
-turn a whole run of byte tokens into U+FFFDs when the run is invalid, so the text depends on
-the neighbours).
+text, a window that decodes to nothing (decoders that strip a leading space), and tokens
+whose bytes are not valid UTF-8 on their own. The byte tokens of byte-fallback decoders turn
+a whole run of byte tokens into U+FFFDs when the run is invalid, so their text depends on the
+byte tokens just before them: they have a second table, used where the text's last token is
+no byte token (the run is the candidate alone), and are decoded in the window after one.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ class Vocab:
         self.special = frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
         self._bytes: dict[int, bytes] = {}
         self._texts: dict[int, str | None] = {}  # see `texts_after_boundary`
+        self._byte_texts: dict[int, str | None] = {}  # the same for byte tokens, after a word
+        self.byte_ids = frozenset(
+            i for b in range(256)
+            if self.byte_fallback and (i := self.backend.token_to_id(f"<0x{b:02X}>")) is not None
+        )
         self._tails: dict[int, bytes] = {}  # unfinished-character bytes of each id alone
         self._encoder = self.backend
         if self._adds_prefix_space():
@@ -133,7 +139,8 @@ class Vocab:
     def _plain_anchor(self) -> list[int] | None:
         """Ids of "a": the context a table text is decoded after (None: no table)."""
         ids = self._encode_plain("a")
-        return ids if ids and self.decode(ids) == "a" else None
+        plain = ids and self.decode(ids) == "a" and not self.byte_ids.intersection(ids)
+        return ids if plain else None
 
     def _adds_prefix_space(self) -> bool:
         pieces = self.backend.encode("a", add_special_tokens=False).tokens
@@ -187,32 +194,49 @@ class Vocab:
             return tail
         return utf8_incomplete_tail(pending + b"".join(self.bytes_of(i) for i in ids))
 
-    def texts_after_boundary(self, token_ids: Sequence[int]) -> list[str | None]:
+    def texts_after_boundary(
+        self, token_ids: Sequence[int], after_byte_token: bool = True
+    ) -> list[str | None]:
         """The text each id appends right after a character boundary, in a window whose text
         is not empty: "" for an unfinished character (or a special token); None where the
-        text depends on its neighbours (see the module docstring). Filled once per id."""
-        missing = [i for i in dict.fromkeys(token_ids) if i not in self._texts]
-        if missing:
-            self._fill_texts(missing)
-        return [self._texts[i] for i in token_ids]
+        text depends on its neighbours (see the module docstring). Byte tokens have a text
+        too unless `after_byte_token` (the window's last non-special token is one). Filled
+        once per id."""
+        if not self._texts.keys() >= set(token_ids):  # C-level: after warm-up all are known
+            self._fill_texts([i for i in dict.fromkeys(token_ids) if i not in self._texts])
+        texts = [self._texts[i] for i in token_ids]
+        if after_byte_token or not self.byte_ids:
+            return texts
+        return [self._byte_texts[i] if i in self.byte_ids else t
+                for i, t in zip(token_ids, texts, strict=True)]
 
     def _fill_texts(self, token_ids: list[int]) -> None:
         anchor = self._anchor
         plain = [i for i in token_ids if anchor is not None and self._context_free(i)]
+        # A byte token after a word is a run of its own: its character, U+FFFD when it is no
+        # character alone (as the decoder writes a lone continuation byte), or "" when it
+        # starts one (the pending bytes of an unfinished character).
+        loose = [i for i in token_ids if anchor is not None and i in self.byte_ids
+                 and not self.pending_after(b"", [i])]
         for i in token_ids:
-            self._texts[i] = None
-        if anchor is None or not plain:
+            # After a boundary, a token that leaves an unfinished character adds "" whatever
+            # came before (its text comes with the character's last byte).
+            starts_char = anchor is not None and bool(self.pending_after(b"", [i]))
+            self._texts[i] = "" if starts_char else None
+            if i in self.byte_ids:
+                self._byte_texts[i] = None if anchor is None else ""
+        if anchor is None:
             return
-        decoded = self.decode_batch([[*anchor, i] for i in plain])
-        for i, text in zip(plain, decoded, strict=True):
-            self._texts[i] = text[1:] if len(text) > 1 else ""
+        for table, ids in ((self._texts, plain), (self._byte_texts, loose)):
+            for i, text in zip(ids, self.decode_batch([[*anchor, i] for i in ids]), strict=True):
+                table[i] = text[1:] if len(text) > 1 else ""
 
     def _context_free(self, token_id: int) -> bool:
         """Whether the token's text after a character boundary is the same in any window:
         its bytes are whole characters, and it is no byte token of a byte-fallback decoder
         (which renders a whole run of byte tokens as U+FFFDs when the run is invalid, so an
         ASCII byte token after an invalid one is a U+FFFD too)."""
-        if self.byte_fallback and _BYTE_TOKEN.fullmatch(self.backend.id_to_token(token_id) or ""):
+        if token_id in self.byte_ids:
             return False
         return _valid_utf8(self.bytes_of(token_id))
 
@@ -320,11 +344,15 @@ class TokenText:
 
     def candidate_texts(self, token_ids: Sequence[int]) -> list[str]:
         """The text each id would append if pushed now (no change of state)."""
+        prefix_text = self._window_text()
+        at_boundary = self._at_boundary(prefix_text)
+        if at_boundary:
+            table = self.vocab.texts_after_boundary(token_ids, self._ends_in_byte_token())
+            if None not in table and self.eos_ids.isdisjoint(token_ids):
+                return table  # the usual step: every text from the table
         texts = [EOS_TEXT if i in self.eos_ids else "" for i in token_ids]
         todo = [n for n, i in enumerate(token_ids) if i not in self.eos_ids]
-        prefix_text = self._window_text()
-        if self._at_boundary(prefix_text):
-            table = self.vocab.texts_after_boundary(token_ids)
+        if at_boundary:
             for n in todo:
                 if (text := table[n]) is not None:
                     texts[n] = text
@@ -342,6 +370,14 @@ class TokenText:
         if self._prefix_text is None:
             self._prefix_text = self.vocab.decode(self.ids[self._prefix : self._read])
         return self._prefix_text
+
+    def _ends_in_byte_token(self) -> bool:
+        """Whether the last token the decoder sees (it skips special ones) is a byte token."""
+        if self.vocab.byte_ids:
+            for i in reversed(self.ids):
+                if i not in self.vocab.special:
+                    return i in self.vocab.byte_ids
+        return False
 
     def _at_boundary(self, prefix_text: str) -> bool:
         """Whether a candidate's text is its table text: the text ends on a character

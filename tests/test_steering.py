@@ -469,6 +469,95 @@ def test_blendin_choose(
     assert a == pytest.approx(alpha)
 
 
+def reference_blendin_choose(
+    base_texts: list[str],
+    base_probs: list[float],
+    guidance_texts: list[str],
+    guidance_probs: list[float],
+    lam: float,
+    alpha: float | None,
+    at_start: bool,
+) -> tuple[str, float]:
+    """BlendIn's choice as written before the fast paths: the whole blend as a dictionary,
+    built by `blend`, and its first maximum."""
+    base_keys = [start_key(t) for t in base_texts] if at_start else base_texts
+    guide_keys = [start_key(t) for t in guidance_texts] if at_start else guidance_texts
+
+    def dist(keys: list[str], probs: list[float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, p in zip(keys, probs, strict=True):
+            if key:
+                out[key] = out.get(key, 0.0) + p
+        return out
+
+    base_top = max(range(len(base_probs)), key=base_probs.__getitem__)
+    guide_top = max(range(len(guidance_probs)), key=guidance_probs.__getitem__)
+    p_base, p_guide = dist(base_keys, base_probs), dist(guide_keys, guidance_probs)
+    if alpha is None:
+        alpha = blend_alpha(guidance_probs[guide_top], base_probs[base_top],
+                            p_base.get(guide_keys[guide_top], 0.0), lam)
+    mixed = blend(p_base, p_guide, alpha)
+    if not mixed:
+        return base_texts[base_top], alpha
+    best = max(mixed, key=mixed.__getitem__)
+    for keys, texts in ((base_keys, base_texts), (guide_keys, guidance_texts)):
+        if best in keys:
+            return texts[keys.index(best)], alpha
+    raise AssertionError
+
+
+# Few strings and few distinct probabilities: repeats, "" (mid-character), leading spaces
+# and exact ties are common, as are lists sorted like a runner's top-k and lists that are not.
+blend_text = st.sampled_from(["", "a", " a", "b", " b", "  c", "\n", EOS_TEXT, "d", " "])
+blend_prob = st.sampled_from([0.0, 1e-9, 0.001, 0.01, 0.05, 0.1, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9])
+
+
+@st.composite
+def top_list(draw: st.DrawFn) -> tuple[list[str], list[float]]:
+    n = draw(st.integers(1, 12))
+    texts = draw(st.lists(blend_text, min_size=n, max_size=n))
+    probs = draw(st.lists(blend_prob, min_size=n, max_size=n))
+    if draw(st.booleans()):
+        probs.sort(reverse=True)
+    return texts, probs
+
+
+@given(top_list(), top_list(), st.one_of(st.none(), blend_prob, st.just(1.0)), st.booleans(),
+       st.sampled_from([0.0, 0.1, 1.0]))
+def test_blendin_choose_equals_the_plain_blend(
+    base: tuple[list[str], list[float]],
+    guidance: tuple[list[str], list[float]],
+    alpha: float | None,
+    at_start: bool,
+    lam: float,
+) -> None:
+    """The fast paths (a C-built string distribution, the scan that stops early) give the
+    same string and the same α, float for float, as the whole blend."""
+    args = (*base, *guidance, lam)
+    assert blendin_choose(*args, alpha=alpha, at_start=at_start) == reference_blendin_choose(
+        *args, alpha, at_start
+    )
+
+
+def test_blendin_choose_on_runner_sized_lists() -> None:
+    """100 candidates a side, as BlendIn runs: peaked and flat distributions, some shared."""
+    rng = random.Random(0)
+    words = [f" w{i}" for i in range(300)]
+    for case in range(300):
+        lists = []
+        for _ in range(2):
+            texts = rng.sample(words, 100)
+            texts[rng.randrange(100)] = ""
+            logits = sorted((rng.gauss(0, 4 if case % 2 else 0.3) for _ in range(100)),
+                            reverse=True)
+            total = sum(math.exp(x) for x in logits) * rng.uniform(1, 3)
+            lists += [texts, [math.exp(x) / total for x in logits]]
+        alpha = None if case % 3 else rng.random()
+        assert blendin_choose(*lists, 0.1, alpha=alpha) == reference_blendin_choose(
+            *lists, 0.1, alpha, False
+        )
+
+
 def test_blendin_choose_rejects_empty_lists() -> None:
     with pytest.raises(ValueError):
         blendin_choose([], [], ["a"], [1.0], lam=0.1)
