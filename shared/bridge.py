@@ -50,6 +50,7 @@ from shared.types import EOS_TEXT, Commit
 WINDOW = 5  # prompt tokens decoded as context for the first completion token
 METASPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+INVALID_RUN = b"\x80"  # a run of byte tokens that is no UTF-8 text
 
 
 def utf8_incomplete_tail(data: bytes) -> bytes:
@@ -120,10 +121,12 @@ class Vocab:
         self._bytes: dict[int, bytes] = {}
         self._texts: dict[int, str | None] = {}  # see `texts_after_boundary`
         self._byte_texts: dict[int, str | None] = {}  # the same for byte tokens, after a word
-        self.byte_ids = frozenset(
-            i for b in range(256)
+        byte_ids = {
+            b: i for b in range(256)
             if self.byte_fallback and (i := self.backend.token_to_id(f"<0x{b:02X}>")) is not None
-        )
+        }
+        self.byte_ids = frozenset(byte_ids.values())
+        self.ascii_byte_ids = frozenset(i for b, i in byte_ids.items() if b < 0x80)
         self._tails: dict[int, bytes] = {}  # unfinished-character bytes of each id alone
         self._encoder = self.backend
         if self._adds_prefix_space():
@@ -195,19 +198,24 @@ class Vocab:
         return utf8_incomplete_tail(pending + b"".join(self.bytes_of(i) for i in ids))
 
     def texts_after_boundary(
-        self, token_ids: Sequence[int], after_byte_token: bool = True
+        self, token_ids: Sequence[int], byte_run: bytes | None = INVALID_RUN
     ) -> list[str | None]:
         """The text each id appends right after a character boundary, in a window whose text
         is not empty: "" for an unfinished character (or a special token); None where the
-        text depends on its neighbours (see the module docstring). Byte tokens have a text
-        too unless `after_byte_token` (the window's last non-special token is one). Filled
-        once per id."""
+        text depends on its neighbours (see the module docstring). Filled once per id.
+
+        `byte_run` is the bytes of the byte tokens that end the window (None: its last
+        non-special token is no byte token). After none, a byte token is a run of its own
+        and has its text; after a valid run an ASCII byte keeps the run valid and adds its
+        character; otherwise (the default) byte tokens are None, save those that start a
+        character."""
         if not self._texts.keys() >= set(token_ids):  # C-level: after warm-up all are known
             self._fill_texts([i for i in dict.fromkeys(token_ids) if i not in self._texts])
         texts = [self._texts[i] for i in token_ids]
-        if after_byte_token or not self.byte_ids:
+        if not self.byte_ids or (byte_run is not None and not _valid_utf8(byte_run)):
             return texts
-        return [self._byte_texts[i] if i in self.byte_ids else t
+        own = self.byte_ids if byte_run is None else self.ascii_byte_ids
+        return [self._byte_texts[i] if i in own else t
                 for i, t in zip(token_ids, texts, strict=True)]
 
     def _fill_texts(self, token_ids: list[int]) -> None:
@@ -347,7 +355,7 @@ class TokenText:
         prefix_text = self._window_text()
         at_boundary = self._at_boundary(prefix_text)
         if at_boundary:
-            table = self.vocab.texts_after_boundary(token_ids, self._ends_in_byte_token())
+            table = self.vocab.texts_after_boundary(token_ids, self._byte_run())
             if None not in table and self.eos_ids.isdisjoint(token_ids):
                 return table  # the usual step: every text from the table
         texts = [EOS_TEXT if i in self.eos_ids else "" for i in token_ids]
@@ -371,13 +379,18 @@ class TokenText:
             self._prefix_text = self.vocab.decode(self.ids[self._prefix : self._read])
         return self._prefix_text
 
-    def _ends_in_byte_token(self) -> bool:
-        """Whether the last token the decoder sees (it skips special ones) is a byte token."""
-        if self.vocab.byte_ids:
-            for i in reversed(self.ids):
-                if i not in self.vocab.special:
-                    return i in self.vocab.byte_ids
-        return False
+    def _byte_run(self) -> bytes | None:
+        """The bytes of the byte tokens that end the decode window (the decoder skips special
+        tokens and renders each run of byte tokens as one piece); None when its last
+        non-special token is no byte token."""
+        vocab, run = self.vocab, []
+        if vocab.byte_ids:
+            for i in reversed(self.ids[self._prefix :]):
+                if i in vocab.byte_ids:
+                    run.append(vocab.bytes_of(i))
+                elif i not in vocab.special:
+                    break
+        return b"".join(reversed(run)) if run else None
 
     def _at_boundary(self, prefix_text: str) -> bool:
         """Whether a candidate's text is its table text: the text ends on a character

