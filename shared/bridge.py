@@ -31,7 +31,8 @@ text, a window that decodes to nothing (decoders that strip a leading space), an
 whose bytes are not valid UTF-8 on their own. The byte tokens of byte-fallback decoders turn
 a whole run of byte tokens into U+FFFDs when the run is invalid, so their text depends on the
 byte tokens just before them: they have a second table, used where the text's last token is
-no byte token (the run is the candidate alone), and are decoded in the window after one.
+no byte token (the run is the candidate alone) and, for ASCII bytes, after a valid run; after
+an invalid run they are decoded in the window.
 """
 
 from __future__ import annotations
@@ -219,22 +220,20 @@ class Vocab:
                 for i, t in zip(token_ids, texts, strict=True)]
 
     def _fill_texts(self, token_ids: list[int]) -> None:
-        anchor = self._anchor
-        plain = [i for i in token_ids if anchor is not None and self._context_free(i)]
-        # A byte token after a word is a run of its own: its character, U+FFFD when it is no
-        # character alone (as the decoder writes a lone continuation byte), or "" when it
-        # starts one (the pending bytes of an unfinished character).
-        loose = [i for i in token_ids if anchor is not None and i in self.byte_ids
-                 and not self.pending_after(b"", [i])]
-        for i in token_ids:
-            # After a boundary, a token that leaves an unfinished character adds "" whatever
-            # came before (its text comes with the character's last byte).
-            starts_char = anchor is not None and bool(self.pending_after(b"", [i]))
-            self._texts[i] = "" if starts_char else None
-            if i in self.byte_ids:
-                self._byte_texts[i] = None if anchor is None else ""
-        if anchor is None:
+        anchor, byte_ids = self._anchor, [i for i in token_ids if i in self.byte_ids]
+        if anchor is None:  # no table: every candidate is decoded in its window
+            self._texts.update(dict.fromkeys(token_ids))
+            self._byte_texts.update(dict.fromkeys(byte_ids))
             return
+        # After a boundary, a token that leaves an unfinished character adds "" whatever came
+        # before (its text comes with the character's last byte). A byte token after a word
+        # is a run of its own: its character, or U+FFFD when it is no character alone (as the
+        # decoder writes a lone continuation byte).
+        starts = {i for i in token_ids if self.pending_after(b"", [i])}
+        self._texts.update((i, "" if i in starts else None) for i in token_ids)
+        self._byte_texts.update((i, "") for i in byte_ids if i in starts)
+        plain = [i for i in token_ids if self._context_free(i)]  # whole characters: no start
+        loose = [i for i in byte_ids if i not in starts]
         for table, ids in ((self._texts, plain), (self._byte_texts, loose)):
             for i, text in zip(ids, self.decode_batch([[*anchor, i] for i in ids]), strict=True):
                 table[i] = text[1:] if len(text) > 1 else ""
