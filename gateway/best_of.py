@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from gateway.engine import Engine, EngineOverloaded
 from gateway.sequence import GenerationRequest
-from shared.config import VALUE_POLICIES
 from shared.rewards import References, RewardSource
 from shared.steering import best_of
 from shared.types import Commit, GenerationResult, ScoreRequest
@@ -128,12 +127,7 @@ def _last_user_text(messages: list[dict]) -> str:
 
 def samples_of(req: GenerationRequest, n: int) -> list[GenerationRequest]:
     """N copies of a request with seeds seed, seed+1, ... (a random start when unseeded)."""
-    sampling = req.sampling
-    policy = req.policy
-    draws = sampling.temperature > 0 or (
-        policy.policy in VALUE_POLICIES and policy.value_temperature > 0
-    )
-    if n > 1 and not draws:
+    if n > 1 and not req.draws:
         raise ValueError("n: best-of-N needs sampling (temperature > 0), or N equal completions")
     return seeded_copies(req, n)
 

@@ -77,7 +77,9 @@ def generate(
     k: int | None = typer.Option(None, help="Top-k width (SIA 10, BlendIn 100 by default)."),
     entropy_threshold: float = typer.Option(1.0, "--entropy-threshold", help="SIA's H (nats)."),
     beta: float = typer.Option(1.0, help="SIA's value weight β."),
-    value_temperature: float = typer.Option(1.0, "--value-temperature", help="SIA's T."),
+    value_temperature: float | None = typer.Option(
+        None, "--value-temperature",
+        help="SIA's T (0 = argmax); default: the request's decoding (paper's mode: 1)."),
     target_ratio: float | None = typer.Option(None, "--target-ratio",
                                               help="SIA: intervene on this share of steps."),
     value_only: bool = typer.Option(False, "--value-only", help="SIA: β = ∞, choose by value."),

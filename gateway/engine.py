@@ -259,7 +259,7 @@ class Engine:
             families={role: self.infos[role].family for role in req.roles},
             seed=seed,
         )
-        if policy.policy in VALUE_POLICIES and policy.value_temperature > 0 and seed is not None:
+        if policy.policy in VALUE_POLICIES and req.value_temperature > 0 and seed is not None:
             seq.generator = torch.Generator().manual_seed(seed)
         return seq
 
@@ -595,14 +595,14 @@ class Engine:
     def _sia_piece(seq: Sequence, top: Any, values: list[float] | None) -> Commit:
         """SIA's choice among the base's top-k: by logit + β·V at a junction (`values`), or
         with no values a sample of the top-k at T (the paper's decoding elsewhere)."""
-        policy = seq.policy
+        policy, temperature = seq.policy, seq.req.value_temperature
         n = len(values) if values is not None else policy.entropy_k
         logprobs = torch.tensor(top.logprobs[:n])
         if values is None:
-            pick = topk_sample(logprobs, policy.value_temperature, seq.generator)
+            pick = topk_sample(logprobs, temperature, seq.generator)
         else:
             pick = sia_choose(logprobs, torch.tensor(values), policy.beta,
-                              policy.value_temperature, seq.generator, policy.value_only)
+                              temperature, seq.generator, policy.value_only)
         return Commit(top.texts[pick], (top.ids[pick],), seq.families["base"])
 
     # ----------------------------------------------------------------- plumbing

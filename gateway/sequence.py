@@ -34,11 +34,15 @@ class GenerationRequest:
         return "guidance" if self.policy.policy == "guidance" else "base"
 
     @property
+    def value_temperature(self) -> float:
+        """SIA's T as this request decodes (`PolicyConfig.junction_temperature`)."""
+        return self.policy.junction_temperature(self.sampling.temperature)
+
+    @property
     def draws(self) -> bool:
         """Does decoding draw random numbers (so an unseeded request needs its own seed)?"""
-        policy = self.policy
         return self.sampling.temperature > 0 or (
-            policy.policy in VALUE_POLICIES and policy.value_temperature > 0
+            self.policy.policy in VALUE_POLICIES and self.value_temperature > 0
         )
 
     @property

@@ -31,10 +31,11 @@ greedy candidate and at least one other matched) the G gained over greedy by the
 logit + β·V among the matched top 10, against the oracle (the best G among them).
 
 `fit --lora R` trains LoRA of rank R on the base itself instead, through the base's own
-output embeddings, and writes a log-ratio value model (`shared/value_model.py`): V(c) =
-log p_θ(c) − log p_base(c), which the value runner serves to SIA like any value model. `loss`
-gives its SIA validation loss on the shipped value model's evaluation-row trajectories
-(mean_t V_t is the adapted model's own implicit reward), beside the constant predictor's.
+output embeddings — on the listwise loss plus `--sia-weight` × SIA's own loss (mean_t V_t −
+R)², where mean_t V_t over a response is the adapted model's own implicit reward — and writes
+a log-ratio value model (`shared/value_model.py`): V(c) = log p_θ(c) − log p_base(c), which
+the value runner serves to SIA like any value model. `loss` gives its SIA validation loss on
+the shipped value model's evaluation-row trajectories, beside the constant predictor's.
 
 `follow` decodes the evaluation rows greedily with the base and, at the same junctions,
 takes the candidate of largest logit + β·V; each answer is scored with the implicit reward
@@ -264,6 +265,40 @@ def lora_hidden(model, batch: list[tuple]) -> torch.Tensor:
     return model.get_base_model().model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
+def response_logprobs(model, batch: list[tuple], hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Per trajectory: log p(y_t) of each response token (its end of sequence left out, as the
+    implicit reward scores y) from a batch's final hidden states, through one vocabulary-wide
+    head call over the response positions only."""
+    picked, targets, sizes = [], [], []
+    for b, (enc, _) in enumerate(batch):
+        n = len(enc.ids) - 1 - enc.start  # position enc.start - 1 + t predicts token t
+        picked.append(hidden[b, enc.start - 1 : enc.start - 1 + n])
+        targets.extend(enc.ids[enc.start : enc.start + n])
+        sizes.append(n)
+    logits = output_logits(model.get_base_model(), torch.cat(picked))
+    chosen = logits.gather(-1, torch.tensor(targets)[:, None])[:, 0]
+    return list((chosen - torch.logsumexp(logits, -1)).split(sizes))
+
+
+@torch.no_grad()
+def base_logprobs(model, data: list[tuple]) -> list[torch.Tensor]:
+    """`response_logprobs` of the base itself (the adapter off), once before training."""
+    out: list[torch.Tensor] = []
+    with model.disable_adapter():
+        for start in tqdm(range(0, len(data), 8), desc="base log-probabilities"):
+            batch = data[start : start + 8]
+            out.extend(response_logprobs(model, batch, lora_hidden(model, batch)))
+    return out
+
+
+def sia_loss(model, batch: list[tuple], hidden: torch.Tensor, base: list[torch.Tensor]):
+    """SIA's loss, summed over the batch: (mean_t V_t − R)², V_t = log p_θ(y_t) − log p_base(y_t),
+    so mean_t V_t is the adapted model's own implicit reward of the response."""
+    mine = response_logprobs(model, batch, hidden)
+    return sum((torch.mean(lp - b) - enc.reward) ** 2
+               for lp, b, (enc, _) in zip(mine, base, batch, strict=True))
+
+
 def lora_listwise(embeddings, batch, hidden) -> tuple[torch.Tensor, float, int]:
     """Summed cross-entropy of p_θ = softmax(W h_θ) on the matched candidates against
     softmax(G), top-1 agreements, rows."""
@@ -278,16 +313,18 @@ def lora_listwise(embeddings, batch, hidden) -> tuple[torch.Tensor, float, int]:
 
 
 @torch.no_grad()
-def lora_report(model, base, val: list[tuple], threshold: float, betas: list[float]) -> str:
+def lora_report(model, base, val: list[tuple], threshold: float, betas: list[float],
+                val_base: list[torch.Tensor], constant: float) -> str:
     model.eval()
     embeddings = base.model.get_output_embeddings().weight
-    ce, agree, count = 0.0, 0.0, 0
+    ce, agree, count, sia = 0.0, 0.0, 0, 0.0
     gains: dict[str, list[float]] = {f"β={b:g}": [] for b in betas} | {"oracle": []}
     for start in range(0, len(val), 8):
         batch = val[start : start + 8]
         hidden = lora_hidden(model, batch)
         loss, hits, rows = lora_listwise(embeddings, batch, hidden)
         ce, agree, count = ce + float(loss), agree + hits, count + rows
+        sia += float(sia_loss(model, batch, hidden, val_base[start : start + 8]))
         for b, (enc, record) in enumerate(batch):
             for j, index, g in record["rows"]:
                 logits = record["logits"][j].float()
@@ -309,7 +346,9 @@ def lora_report(model, base, val: list[tuple], threshold: float, betas: list[flo
         f"G gain {key} {statistics.fmean(x):+.3f} ± {statistics.pstdev(x) / len(x) ** 0.5:.3f}"
         for key, x in gains.items()
     )
+    floor = statistics.fmean((constant - enc.reward) ** 2 for enc, _ in val)
     return (
+        f"SIA loss {sia / len(val):.4f} (constant {floor:.4f}), "
         f"list CE {ce / count:.3f}, top-1 agreement {agree / count:.3f}; "
         f"{len(gains['oracle'])} junctions: {cells}"
     )
@@ -331,30 +370,46 @@ def fit_lora(args: argparse.Namespace) -> None:
         p.requires_grad_(True)
     embeddings = base.model.get_output_embeddings().weight.detach()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    history = [{"epoch": 0, "val": lora_report(model, base, val, threshold, args.betas)}]
+    train_base = base_logprobs(model, train) if args.sia_weight else [None] * len(train)
+    val_base = base_logprobs(model, val)
+    constant = statistics.fmean(enc.reward for enc, _ in train)
+
+    def report() -> str:
+        return lora_report(model, base, val, threshold, args.betas, val_base, constant)
+
+    history = [{"epoch": 0, "val": report()}]
     print(f"start: {history[0]['val']}", flush=True)
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in tqdm(range(0, len(order), 8), desc=f"epoch {epoch + 1}"):
-            batch = [train[i] for i in order[start : start + 8]]
-            loss, _, rows = lora_listwise(embeddings, batch, lora_hidden(model, batch))
-            if rows:
-                optimizer.zero_grad()
-                (loss / rows).backward()
-                optimizer.step()
-        history.append({"epoch": epoch + 1,
-                        "val": lora_report(model, base, val, threshold, args.betas)})
+            chunk = order[start : start + 8]
+            batch = [train[i] for i in chunk]
+            hidden = lora_hidden(model, batch)
+            loss, _, rows = lora_listwise(embeddings, batch, hidden)
+            if not rows and not args.sia_weight:
+                continue
+            total = loss / max(rows, 1)
+            if args.sia_weight:  # SIA's own objective beside the listwise one
+                mine = sia_loss(model, batch, hidden, [train_base[i] for i in chunk])
+                total = total + args.sia_weight * mine / len(batch)
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+        history.append({"epoch": epoch + 1, "val": report()})
         print(f"epoch {epoch + 1}: {history[-1]['val']}", flush=True)
     command = (f"python scripts/listwise_targets.py fit --lora {args.lora} --lr {args.lr} "
-               f"--epochs {args.epochs} --seed {args.seed} --train {args.train.name} "
+               f"--epochs {args.epochs} --sia-weight {args.sia_weight:g} --seed {args.seed} "
+               f"--train {args.train.name} "
                f"--val {args.val.name} --out {args.out.name}")  # file names, no paths
     meta = {"backbone": "default", "command": command,
             "objective": "listwise cross-entropy against softmax(G) over the base's top "
-                         f"{K} candidates", "history": history,
+                         f"{K} candidates" + (f" + {args.sia_weight:g} × SIA's loss (mean_t V_t"
+                                              " − R)²" if args.sia_weight else ""),
+            "history": history,
             "data": {"train": len(train), "val": len(val)},
             "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": 8,
-                         "seed": args.seed}}
+                         "seed": args.seed, "sia_weight": args.sia_weight}}
     save_log_ratio_model(model, args.out, meta)
     shutil.copy(args.value / CALIBRATION_FILE, args.out / CALIBRATION_FILE)  # SIA's thresholds
     print(f"wrote {args.out}: a log-ratio value model (`--value {args.out}`)")
@@ -497,6 +552,9 @@ def main() -> None:
     two.add_argument("--seed", type=int, default=0)
     two.add_argument("--lora", type=int, default=0,
                      help="train LoRA of this rank on the base instead of the logit adapter")
+    two.add_argument("--sia-weight", type=float, default=1.0,
+                     help="with --lora: weight of SIA's loss (mean_t V_t - R)^2 beside the "
+                          "listwise loss; 0 trains listwise only")
     three = sub.add_parser("follow")
     three.add_argument("--adapter", type=Path, required=True)
     three.add_argument("--data", type=Path, required=True)

@@ -80,7 +80,9 @@ class PolicyConfig:
     k: int | None = None
     entropy_threshold: float = 1.0  # SIA's H (nats); max is ln k
     beta: float = 1.0  # SIA's value weight
-    value_temperature: float = 1.0  # SIA's T; 0 = argmax
+    # SIA's T (0 = argmax). None: the request's own decoding with sia_decode "request" (argmax
+    # when it is greedy, its temperature when it samples), the paper's T = 1 with "topk_sample"
+    value_temperature: float | None = None
     # SIA: H for this share of junctions, calibrated (`junction calibrate`) or else the
     # server-wide running quantile of recent base entropies
     target_ratio: float | None = None
@@ -100,7 +102,8 @@ class PolicyConfig:
             check_range("k", self.k, *RANGES["k"])
         for name in ("entropy_threshold", "beta", "tau", "lam", "nudge_max_tokens"):
             check_range(name, getattr(self, name), *RANGES[name])
-        check_temperature("value_temperature", self.value_temperature)
+        if self.value_temperature is not None:
+            check_temperature("value_temperature", self.value_temperature)
         if self.sia_decode not in SIA_DECODES:
             raise ValueError(f"sia_decode must be one of {', '.join(SIA_DECODES)}")
         if self.alpha is not None:
@@ -127,6 +130,14 @@ class PolicyConfig:
     @property
     def max_entropy(self) -> float:
         return math.log(self.entropy_k)
+
+    def junction_temperature(self, temperature: float) -> float:
+        """SIA's T for a request decoding at `temperature`: the one given, else (sia_decode
+        "request") the request's own, so a greedy request takes the argmax of logprob + β·V
+        and SIA differs from base only in V; the paper's decoding ("topk_sample") uses T = 1."""
+        if self.value_temperature is not None:
+            return self.value_temperature
+        return 1.0 if self.sia_decode == "topk_sample" else temperature
 
 
 @dataclass(slots=True)

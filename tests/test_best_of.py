@@ -63,6 +63,8 @@ def test_samples_have_consecutive_seeds_and_their_own_ids() -> None:
         ("base", 0.7, {}, True),
         ("sia", 0.0, {"value_temperature": 1.0}, True),  # SIA samples at its junctions
         ("sia", 0.0, {"value_temperature": 0.0}, False),
+        ("sia", 0.0, {}, False),  # by default a greedy request's junctions take the argmax
+        ("sia", 0.0, {"sia_decode": "topk_sample"}, True),  # the paper's T = 1
         ("blendin", 0.0, {}, False),
     ],
 )

@@ -137,18 +137,30 @@ def test_unseeded_sampling_requests_get_their_own_recorded_seed(workers):  # noq
         req.sampling.seed = None
         return req
 
-    results = run(workers, unseeded(), unseeded())
+    results = run(workers, unseeded(value_temperature=1.0), unseeded(value_temperature=1.0))
     seeds = [r.seed for r in results]
     assert None not in seeds and seeds[0] != seeds[1]
     assert results[0].to_json()["junction"]["seed"] == seeds[0]
     # the recorded seed replays the same text
-    replay = unseeded()
+    replay = unseeded(value_temperature=1.0)
     replay.sampling.seed = seeds[0]
     (again,) = run(workers, replay)
     assert again.text == results[0].text and again.seed == seeds[0]
-    # a greedy request draws nothing and records no seed
-    greedy = unseeded(value_temperature=0.0)
-    assert run(workers, greedy)[0].seed is None
+    # a greedy request draws nothing and records no seed: by default SIA's junctions decode
+    # as the request does (argmax here), equal to an explicit T = 0
+    (default,) = run(workers, unseeded())
+    (argmax,) = run(workers, unseeded(value_temperature=0.0))
+    assert default.seed is None and argmax.seed is None
+    assert default.text == argmax.text and default.interventions == argmax.interventions > 0
+
+
+def test_sia_junction_temperature_follows_the_request_unless_given():
+    sia = PolicyConfig("sia")
+    assert sia.junction_temperature(0.0) == 0.0  # greedy request: argmax at junctions
+    assert sia.junction_temperature(0.7) == 0.7  # a sampled request samples there too
+    assert PolicyConfig("sia", sia_decode="topk_sample").junction_temperature(0.0) == 1.0
+    assert PolicyConfig("sia", value_temperature=0.5).junction_temperature(0.0) == 0.5
+    assert PolicyConfig("dense", value_temperature=0.0).junction_temperature(0.9) == 0.0
 
 
 def test_paper_decoding_samples_the_base_top_k_between_junctions(workers):  # noqa: F811
