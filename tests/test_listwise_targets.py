@@ -1,6 +1,7 @@
 """The logit adapter of scripts/listwise_targets.py: a distribution, a start at the base, and
 a listwise target it can learn."""
 
+import pytest
 import torch
 
 from scripts.listwise_targets import LogitAdapter, listwise
@@ -51,3 +52,45 @@ def test_listwise_loss_teaches_the_guidance_favourite():
         optimizer.step()
     loss, agree, _ = listwise(adapter, rec)
     assert float(loss) < float(loss0) and agree == 1.0
+
+
+def test_sia_loss_reads_the_adapted_models_implicit_reward_and_learns_it(tiny_gemma):
+    """`response_logprobs` equals the implicit reward's own `token_logprobs` (adapter off: the
+    base; on: the adapted model), so mean_t V_t in `sia_loss` is exactly what `loss` and the
+    value runner compute; a few steps on SIA's loss alone move mean_t V_t to R."""
+    from peft import LoraConfig, get_peft_model
+
+    from scripts.listwise_targets import base_logprobs, lora_hidden, response_logprobs, sia_loss
+    from shared.config import ModelSpec
+    from shared.implicit_reward import encode_pair, token_logprobs
+    from shared.models import load_model
+    from shared.training import Trajectory, encode
+    from shared.value_model import attention_projections
+
+    loaded = load_model("value", ModelSpec(source=str(tiny_gemma.path)), progress=False)
+    rows = [("the cat sat on", " the mat and", 0.3), ("a dog", " ran far away now", -0.4)]
+    batch = [(encode(loaded.tokenizer, Trajectory(prompt=p, response=r, reward=g)), None)
+             for p, r, g in rows]
+    torch.manual_seed(0)
+    model = get_peft_model(loaded.model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(attention_projections(loaded.model))))
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    pairs = [encode_pair(loaded, p, r, chat=False) for p, r, _ in rows]
+    base = base_logprobs(model, batch)
+    with model.disable_adapter():
+        expected = token_logprobs(model.get_base_model(), pairs, torch.device("cpu"))
+    for got, want in zip(base, expected, strict=True):
+        assert got.tolist() == pytest.approx(want, abs=1e-4)
+    # at the start (LoRA's B = 0) the adapted model is the base: V = 0, the loss is mean R²
+    start = sia_loss(model, batch, lora_hidden(model, batch), base)
+    assert float(start) == pytest.approx(0.3**2 + 0.4**2, abs=1e-4)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        sia_loss(model, batch, lora_hidden(model, batch), base).backward()
+        optimizer.step()
+    with torch.no_grad():
+        mine = response_logprobs(model, batch, lora_hidden(model, batch))
+    means = [float((a - b).mean()) for a, b in zip(mine, base, strict=True)]
+    assert means == pytest.approx([0.3, -0.4], abs=0.1)
