@@ -291,6 +291,16 @@ def base_logprobs(model, data: list[tuple]) -> list[torch.Tensor]:
     return out
 
 
+def cached_base_logprobs(model, data: list[tuple], records: Path) -> list[torch.Tensor]:
+    """`base_logprobs` of the training trajectories, kept beside their records for reruns."""
+    path = records.with_name(records.name + ".base_logprobs")
+    if path.is_file():
+        return torch.load(path)
+    out = base_logprobs(model, data)
+    torch.save(out, path)
+    return out
+
+
 def sia_loss(model, batch: list[tuple], hidden: torch.Tensor, base: list[torch.Tensor]):
     """SIA's loss, summed over the batch: (mean_t V_t − R)², V_t = log p_θ(y_t) − log p_base(y_t),
     so mean_t V_t is the adapted model's own implicit reward of the response."""
@@ -364,13 +374,16 @@ def fit_lora(args: argparse.Namespace) -> None:
     threshold = load_calibration(args.value).threshold(0.2)
     config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
                         target_modules=list(attention_projections(base.model)))
-    model = get_peft_model(base.model, config)
+    if args.init is not None:  # go on from a log-ratio model (its LoRA, trainable)
+        model = PeftModel.from_pretrained(base.model, str(args.init), is_trainable=True)
+    else:
+        model = get_peft_model(base.model, config)
     params = [p for name, p in model.named_parameters() if "lora_" in name]
     for p in params:
         p.requires_grad_(True)
     embeddings = base.model.get_output_embeddings().weight.detach()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    train_base = base_logprobs(model, train) if args.sia_weight else [None] * len(train)
+    train_base = cached_base_logprobs(model, train, args.train) if args.sia_weight else None
     val_base = base_logprobs(model, val)
     constant = statistics.fmean(enc.reward for enc, _ in train)
 
@@ -404,6 +417,7 @@ def fit_lora(args: argparse.Namespace) -> None:
     command = (f"python scripts/listwise_targets.py fit --lora {args.lora} --lr {args.lr} "
                f"--epochs {args.epochs} --sia-weight {args.sia_weight:g} "
                f"--sia-rows {args.sia_rows} --seed {args.seed} "
+               + (f"--init {shown(args.init)} " if args.init is not None else "") +
                f"--train {args.train.name} "
                f"--val {args.val.name} --out {args.out.name}")  # file names, no paths
     meta = {"backbone": "default", "command": command,
@@ -411,6 +425,7 @@ def fit_lora(args: argparse.Namespace) -> None:
                          f"{K} candidates" + (f" + {args.sia_weight:g} × SIA's loss (mean_t V_t"
                                               " − R)²" if args.sia_weight else ""),
             "history": history,
+            **({"init": init_record(args.init)} if args.init is not None else {}),
             "data": {"train": len(train), "val": len(val)},
             "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": 8,
                          "seed": args.seed, "sia_weight": args.sia_weight,
@@ -418,6 +433,18 @@ def fit_lora(args: argparse.Namespace) -> None:
     save_log_ratio_model(model, args.out, meta)
     shutil.copy(args.value / CALIBRATION_FILE, args.out / CALIBRATION_FILE)  # SIA's thresholds
     print(f"wrote {args.out}: a log-ratio value model (`--value {args.out}`)")
+
+
+def shown(path: Path) -> str:
+    """A path as a record shows it: as given when relative, else its name only."""
+    return path.name if path.is_absolute() else str(path)
+
+
+def init_record(init: Path) -> dict:
+    """Where a continued fit started: that model, how it was trained (and where it began)."""
+    meta = json.loads((init / META_FILE).read_text())
+    return {"from": shown(init), "command": meta["command"], "history": meta["history"],
+            **({"init": meta["init"]} if "init" in meta else {})}
 
 
 def base_embeddings() -> torch.Tensor:
@@ -560,6 +587,8 @@ def main() -> None:
     two.add_argument("--sia-weight", type=float, default=1.0,
                      help="with --lora: weight of SIA's loss (mean_t V_t - R)^2 beside the "
                           "listwise loss; 0 trains listwise only")
+    two.add_argument("--init", type=Path, default=None,
+                     help="with --lora: start from this log-ratio model's LoRA")
     two.add_argument("--sia-rows", type=int, default=2,
                      help="with --sia-weight: trajectories of each batch of 8 in SIA's loss")
     three = sub.add_parser("follow")
