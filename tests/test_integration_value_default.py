@@ -56,10 +56,12 @@ def test_the_default_adapter_ships_small_and_says_how_it_was_trained() -> None:
     meta = read_value_meta(DEFAULT_VALUE_DIR)
     assert meta["backbone"] == "default" and meta["kind"] == "log_ratio"
     assert meta["command"].startswith("python scripts/listwise_targets.py fit --lora")
-    # SIA's loss on the evaluation-row trajectories (mean_t V_t read through an affine map
-    # fitted on the training trajectories), against the constant predictor's (BENCHMARKS.md)
+    # SIA's loss on the evaluation-row trajectories against the constant predictor's
+    # (BENCHMARKS.md): mean_t V_t as it is (trained on it too), and read through an affine map
+    # fitted on the training trajectories (the goal: 20% below the constant)
     losses = meta["losses"]
-    assert losses["affine_val_loss"] < 0.85 * losses["constant_val_loss"]
+    assert losses["val_loss"] < 0.9 * losses["constant_val_loss"]
+    assert losses["affine_val_loss"] < 0.8 * losses["constant_val_loss"]
     assert losses["token_mse"] < losses["token_constant_mse"] and losses["val"] == 120
     size = sum(p.stat().st_size for p in DEFAULT_VALUE_DIR.iterdir())
     assert size < 8 * 2**20
