@@ -155,6 +155,8 @@ def sia_choose(
     scores = sia_scores(logprobs, values, 0.0 if value_only else beta)
     if scores.numel() == 0:
         raise ValueError("no candidates")
+    if torch.isnan(scores).any():  # an argmax would pick one silently
+        raise ValueError("SIA's scores are not numbers (NaN in logprob + β·V)")
     if temperature < 0:
         raise ValueError("temperature must be >= 0")
     if value_only:

@@ -103,8 +103,9 @@ def mixed_requests(tau: float, threshold: float) -> list[GenerationRequest]:
         ("blendin", 0.8, {"tau": tau}),
         ("nudging", 0.8, {"tau": tau}),
         ("sia", 0.8, {"entropy_threshold": threshold, "value_temperature": 0.5}),
-        ("hybrid", 0.0, {"entropy_threshold": threshold, "tau": tau}),
+        ("hybrid", 0.0, {"entropy_threshold": threshold, "tau": tau, "value_temperature": 1.0}),
         ("sia", 0.0, {"entropy_threshold": threshold, "sia_decode": "topk_sample"}),
+        ("sia", 0.0, {"entropy_threshold": threshold}),  # greedy: argmax at junctions
     ]
     return [
         GenerationRequest(

@@ -775,3 +775,12 @@ def test_best_of(scores: list[float], expected: int) -> None:
 def test_best_of_rejects_no_scores() -> None:
     with pytest.raises(ValueError):
         best_of([])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("value_only", [False, True])
+def test_sia_choice_over_nan_scores_is_an_error_not_a_silent_pick(temperature, value_only):
+    """A NaN β (or value) reaches the choice only past validation; argmax would pick one."""
+    with pytest.raises(ValueError, match="not numbers"):
+        sia_choose([-0.1, -2.0], [0.5, float("nan")], float("nan"), temperature,
+                   torch.Generator().manual_seed(0), value_only)
