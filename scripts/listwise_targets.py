@@ -372,12 +372,12 @@ def fit_lora(args: argparse.Namespace) -> None:
     train = with_ids(base.tokenizer, args.value, "trajectories.jsonl", torch.load(args.train))
     val = with_ids(base.tokenizer, args.value, "val_trajectories.jsonl", torch.load(args.val))
     threshold = load_calibration(args.value).threshold(0.2)
-    config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
-                        target_modules=list(attention_projections(base.model)))
     if args.init is not None:  # go on from a log-ratio model (its LoRA, trainable)
         model = PeftModel.from_pretrained(base.model, str(args.init), is_trainable=True)
     else:
-        model = get_peft_model(base.model, config)
+        model = get_peft_model(base.model, LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+            target_modules=list(attention_projections(base.model))))
     params = [p for name, p in model.named_parameters() if "lora_" in name]
     for p in params:
         p.requires_grad_(True)
@@ -584,12 +584,12 @@ def main() -> None:
     two.add_argument("--seed", type=int, default=0)
     two.add_argument("--lora", type=int, default=0,
                      help="train LoRA of this rank on the base instead of the logit adapter")
-    two.add_argument("--sia-weight", type=float, default=1.0,
+    two.add_argument("--sia-weight", type=float, default=0.0,
                      help="with --lora: weight of SIA's loss (mean_t V_t - R)^2 beside the "
-                          "listwise loss; 0 trains listwise only")
+                          "listwise loss (the shipped model: 0.5); 0 trains listwise only")
     two.add_argument("--init", type=Path, default=None,
                      help="with --lora: start from this log-ratio model's LoRA")
-    two.add_argument("--sia-rows", type=int, default=2,
+    two.add_argument("--sia-rows", type=int, default=4,
                      help="with --sia-weight: trajectories of each batch of 8 in SIA's loss")
     three = sub.add_parser("follow")
     three.add_argument("--adapter", type=Path, required=True)
