@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.bridge import vocab_of  # noqa: E402
+from shared.bridge import valid_utf8, vocab_of  # noqa: E402
 from shared.calibration import CALIBRATION_FILE, load_calibration  # noqa: E402
 from shared.config import ModelSpec  # noqa: E402
 from shared.datasets import load_split  # noqa: E402
@@ -85,10 +85,11 @@ K = 256  # the base candidates the adapter reweights (SIA reads the top 10)
 
 
 def single_token_texts(vocab, size: int) -> dict[str, int]:
-    """Each text one guidance token writes after a boundary → that token (first id wins)."""
+    """Each text one guidance token writes after a boundary → that token (first id wins);
+    tokens whose bytes are no UTF-8 text (U+FFFDs) are left out."""
     table: dict[str, int] = {}
     for token_id, text in enumerate(vocab.texts_after_boundary(list(range(size)))):
-        if text and text not in table:
+        if text and text not in table and valid_utf8(vocab.bytes_of(token_id)):
             table[text] = token_id
     return table
 

@@ -27,12 +27,13 @@ whatever came before: the text of its piece as the decoder writes it after a pla
 each `Vocab` keeps a table of those texts, filled once per token id, and a step looks its
 candidates up instead of decoding each one in its window. Where that does not hold, the
 candidate is decoded in its window as before: unfinished-character bytes at the end of the
-text, a window that decodes to nothing (decoders that strip a leading space), and tokens
-whose bytes are not valid UTF-8 on their own. The byte tokens of byte-fallback decoders turn
-a whole run of byte tokens into U+FFFDs when the run is invalid, so their text depends on the
-byte tokens just before them: they have a second table, used where the text's last token is
-no byte token (the run is the candidate alone) and, for ASCII bytes, after a valid run; after
-an invalid run they are decoded in the window.
+text, and a window that decodes to nothing (decoders that strip a leading space). A
+byte-level decoder reads all bytes as one string, with a U+FFFD for each invalid part, so after
+a boundary even a token whose bytes are no UTF-8 text has one text. The byte tokens of
+byte-fallback decoders turn a whole run of byte tokens into U+FFFDs when the run is invalid,
+so their text depends on the byte tokens just before them: each context (no run, an invalid
+run, a valid run by how many characters the run would lose) has its own table, built once.
+A step looks its ids up in one C-level `itemgetter` call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import re
 import weakref
 from collections.abc import Collection, Iterable, Sequence
 from functools import cache
+from operator import itemgetter
 
 from tokenizers import Tokenizer
 
@@ -51,7 +53,7 @@ from shared.types import EOS_TEXT, Commit
 WINDOW = 5  # prompt tokens decoded as context for the first completion token
 METASPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-INVALID_RUN = b"\x80"  # a run of byte tokens that is no UTF-8 text
+UNKNOWN_RUN = b""  # `texts_after_boundary`: the byte tokens before are not known
 
 
 def utf8_incomplete_tail(data: bytes) -> bytes:
@@ -139,6 +141,11 @@ class Vocab:
         self._metaspace_bytes = self._escape_for_metaspace()
         self.missing_bytes = self._missing_bytes()
         self._anchor = self._plain_anchor()
+        self._strips = "Strip" in types  # the decoder strips the text's start
+        self._tables: dict[int | None, dict[int, str | None]] = {}  # see `_table`
+        self._loose_bytes: frozenset[int] = frozenset()  # byte tokens that start no character
+        if self.byte_ids:
+            self._fill_byte_texts()
 
     def _plain_anchor(self) -> list[int] | None:
         """Ids of "a": the context a table text is decoded after (None: no table)."""
@@ -199,25 +206,71 @@ class Vocab:
         return utf8_incomplete_tail(pending + b"".join(self.bytes_of(i) for i in ids))
 
     def texts_after_boundary(
-        self, token_ids: Sequence[int], byte_run: bytes | None = INVALID_RUN
+        self, token_ids: Sequence[int], byte_run: bytes | None = UNKNOWN_RUN
     ) -> list[str | None]:
         """The text each id appends right after a character boundary, in a window whose text
         is not empty: "" for an unfinished character (or a special token); None where the
         text depends on its neighbours (see the module docstring). Filled once per id.
 
         `byte_run` is the bytes of the byte tokens that end the window (None: its last
-        non-special token is no byte token). After none, a byte token is a run of its own
-        and has its text; after a valid run an ASCII byte keeps the run valid and adds its
-        character; otherwise (the default) byte tokens are None, save those that start a
-        character."""
-        if not self._texts.keys() >= set(token_ids):  # C-level: after warm-up all are known
+        non-special token is no byte token), which a byte token's text depends on: after
+        none, a byte token is a run of its own; after a valid run an ASCII byte keeps the
+        run valid and adds its character; after an invalid run every byte that starts no
+        character adds one U+FFFD. With the run unknown (the default), byte tokens are None,
+        save those that start a character."""
+        table = self._table(byte_run)
+        try:  # every id in one C-level lookup (this runs for each candidate list)
+            return _lookup(table, token_ids)
+        except KeyError:  # ids not seen before: their texts, once
             self._fill_texts([i for i in dict.fromkeys(token_ids) if i not in self._texts])
-        texts = [self._texts[i] for i in token_ids]
-        if not self.byte_ids or (byte_run is not None and not _valid_utf8(byte_run)):
-            return texts
-        own = self.byte_ids if byte_run is None else self.ascii_byte_ids
-        return [self._byte_texts[i] if i in own else t
-                for i, t in zip(token_ids, texts, strict=True)]
+            return _lookup(table, token_ids)
+
+    def _table(self, byte_run: bytes | None) -> dict[int, str | None]:
+        """The texts after a boundary for this run of byte tokens before it: the plain table
+        with the byte tokens' texts in that context (`_after_run`). One dict per context,
+        kept whole, so a lookup never merges two."""
+        if not self.byte_ids or byte_run == UNKNOWN_RUN or self._anchor is None:
+            return self._texts
+        key = self._run_key(byte_run)
+        if (table := self._tables.get(key)) is None:
+            table = self._tables[key] = {**self._texts, **self._after_run(key)}
+        return table
+
+    def _run_key(self, run: bytes | None) -> int | None:
+        """What the byte tokens' texts depend on in a run: None (no run), 0 (an invalid run),
+        else n + 1 - m for a valid run of n bytes decoded to m characters (see `_after_run`)."""
+        if run is None:
+            return None
+        if not valid_utf8(run):
+            return 0
+        return len(run) + 1 - len(run.decode("utf-8"))
+
+    def _after_run(self, key: int | None) -> dict[int, str | None]:
+        """The byte tokens' texts after a boundary, by what came before (`_run_key`).
+
+        None: no run, so a byte token is a run of its own (`_byte_texts`). The decoder renders
+        a run that is no UTF-8 text as one U+FFFD per byte, so after an invalid run (0), which
+        stays invalid, a byte that starts no character adds a U+FFFD. After a valid run of n
+        bytes that decoded to m characters, an ASCII byte adds its character, and any other
+        byte makes the whole run invalid: the text grows from m characters to n + 1 U+FFFDs,
+        and what it adds past the old text's length is n + 1 - m of them, unless the decoder
+        strips the text's start (a run that opens the text with a space would lose it only
+        while valid), where it is decoded in the window. A byte that starts a character adds
+        "" in every context."""
+        starts = dict.fromkeys(self.byte_ids - self._loose_bytes, "")
+        if key is None:
+            return {**self._byte_texts, **starts}
+        if key == 0:
+            return {**dict.fromkeys(self._loose_bytes, "\ufffd"), **starts}
+        other = None if self._strips else "\ufffd" * key
+        ascii_texts = {i: self._byte_texts[i] for i in self.ascii_byte_ids}
+        return {**dict.fromkeys(self._loose_bytes, other), **ascii_texts, **starts}
+
+    def _fill_byte_texts(self) -> None:
+        """Every byte token's texts (at most 256, so all at once)."""
+        byte_ids = sorted(self.byte_ids)
+        self._fill_texts(byte_ids)
+        self._loose_bytes = frozenset(i for i in byte_ids if not self.pending_after(b"", [i]))
 
     def _fill_texts(self, token_ids: list[int]) -> None:
         anchor, byte_ids = self._anchor, [i for i in token_ids if i in self.byte_ids]
@@ -230,22 +283,28 @@ class Vocab:
         # is a run of its own: its character, or U+FFFD when it is no character alone (as the
         # decoder writes a lone continuation byte).
         starts = {i for i in token_ids if self.pending_after(b"", [i])}
-        self._texts.update((i, "" if i in starts else None) for i in token_ids)
+        texts: dict[int, str | None] = {i: "" if i in starts else None for i in token_ids}
         self._byte_texts.update((i, "") for i in byte_ids if i in starts)
-        plain = [i for i in token_ids if self._context_free(i)]  # whole characters: no start
+        plain = [i for i in token_ids if i not in starts and self._context_free(i)]
         loose = [i for i in byte_ids if i not in starts]
-        for table, ids in ((self._texts, plain), (self._byte_texts, loose)):
+        for table, ids in ((texts, plain), (self._byte_texts, loose)):
             for i, text in zip(ids, self.decode_batch([[*anchor, i] for i in ids]), strict=True):
                 table[i] = text[1:] if len(text) > 1 else ""
+        self._texts.update(texts)
+        for table in self._tables.values():  # the same in every context: no byte token comes
+            table.update(texts)  # here after `_fill_byte_texts`, which runs before any table
 
     def _context_free(self, token_id: int) -> bool:
-        """Whether the token's text after a character boundary is the same in any window:
-        its bytes are whole characters, and it is no byte token of a byte-fallback decoder
-        (which renders a whole run of byte tokens as U+FFFDs when the run is invalid, so an
-        ASCII byte token after an invalid one is a U+FFFD too)."""
+        """Whether the token's text after a character boundary is the same in any window (a
+        token that starts a character aside): its bytes are whole characters, and it is no
+        byte token of a byte-fallback decoder (which renders a whole run of byte tokens as
+        U+FFFDs when the run is invalid, so an ASCII byte token after an invalid one is a
+        U+FFFD too). A byte-level decoder reads all the bytes as one string with U+FFFD for
+        each invalid part, and after a boundary no invalid part can reach back into the text
+        before, so any of its tokens that leaves no unfinished character is context-free."""
         if token_id in self.byte_ids:
             return False
-        return _valid_utf8(self.bytes_of(token_id))
+        return self.byte_level or valid_utf8(self.bytes_of(token_id))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
@@ -277,7 +336,14 @@ class Vocab:
         return ids
 
 
-def _valid_utf8(data: bytes) -> bool:
+def _lookup(table: dict[int, str | None], ids: Sequence[int]) -> list[str | None]:
+    """`[table[i] for i in ids]` in C (`itemgetter` returns the item itself for one id)."""
+    if len(ids) < 2:
+        return [table[i] for i in ids]
+    return list(itemgetter(*ids)(table))
+
+
+def valid_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -203,18 +203,16 @@ def string_distribution(texts: Sequence[str], probs: Sequence[float]) -> dict[st
     Keys keep the order of their first occurrence.
     """
     # This runs twice per BlendIn junction over 100 candidates, so it is built in C by
-    # `dict(zip())` (0.0 + p is p: the same floats), and only a string that repeats (U+FFFD
-    # from byte tokens, say) is summed again in Python, in order: the same float as a sum.
+    # `dict(zip())` (0.0 + p is p: the same floats); only when a string repeats (U+FFFD from
+    # byte tokens, say) is it summed in one Python pass, in order: the same floats as a sum.
     dist = dict(zip(texts, probs, strict=True))
     dist.pop("", None)
     if len(dist) < len(texts) - texts.count(""):
-        for text, count in Counter(texts).items():
-            if count > 1 and text:
-                total, at = 0.0, -1
-                for _ in range(count):
-                    at = texts.index(text, at + 1)
-                    total += probs[at]
-                dist[text] = total
+        dist = {}
+        get = dist.get
+        for text, p in zip(texts, probs, strict=True):
+            if text:
+                dist[text] = get(text, 0.0) + p
     return dist
 
 

@@ -403,3 +403,21 @@ def test_candidate_texts_equal_each_push_for_the_whole_vocabulary(
 ) -> None:
     tokenizer = TOKENIZERS[kind]
     check_candidate_texts(tokenizer, prompt, pushed, list(range(len(tokenizer))))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace"])
+@pytest.mark.parametrize(("prompt", "data"), [("", b" \xc3\xa9"), (PROMPT, b" \xc3\xa9"),
+                                              ("", b"\xbf "), (PROMPT, b"Q\xe6\x9d\xb1")])
+def test_candidate_texts_after_byte_runs_spelled_byte_by_byte(
+    kind: str, prompt: str, data: bytes
+) -> None:
+    """Runs of byte tokens a model wrote itself, which the tokenizer would not: a run that
+    opens the text with a space (a decoder that strips the text's start loses it only while
+    the run is valid), an invalid one, a valid one after ASCII; every id after each."""
+    tokenizer = TOKENIZERS[kind]
+    text = runner(tokenizer, prompt=prompt)
+    for byte in data:
+        text.push(tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>"))
+    assert not text.mid_char
+    everything = list(range(len(tokenizer)))
+    assert text.candidate_texts(everything) == [pushed_text(text, i) for i in everything]
