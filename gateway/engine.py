@@ -10,8 +10,7 @@ One tick, for all live requests at once:
      requests free their caches on every worker.
 Workers are reached through handles (`services.handles`): in-process runners or Ray actors.
 Between junctions the base may run ahead several steps in one call (`gateway.run_ahead`);
-those steps are committed first, one by one, as ticks of their own would commit them. For
-`base` requests on a served worker the next call starts before this commit (`_pipelined`).
+those steps are committed first, one by one, as ticks of their own would commit them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -96,15 +94,6 @@ class NullObserver:
         pass
 
 
-@dataclass(slots=True)
-class Pipelined:
-    """A base call started before the last one's steps were committed (`Engine._pipelined`)."""
-
-    group: list[Sequence]
-    call: asyncio.Task
-    commits: dict[str, int]  # request id -> its commits once the last call's are made
-
-
 class Engine:
     def __init__(
         self,
@@ -127,8 +116,6 @@ class Engine:
         self._overlap = self.limits.overlap_guidance and all(
             getattr(workers.get(role), "parallel", False) for role in ("base", "guidance")
         )
-        self._pipeline = self.limits.pipeline and getattr(workers.get("base"), "parallel", False)
-        self._next: Pipelined | None = None  # the base's call already under way, if any
         # SIA's target_ratio: thresholds calibrated for this base (from the value worker), and
         # per top-k width the server-wide window of recent base entropies of all requests.
         self.calibration: Calibration | None = None
@@ -176,7 +163,6 @@ class Engine:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._drop_pipelined()
         await self.supervisor.close()
         for seq in self.live.values():
             seq.finish("cancelled")
@@ -328,7 +314,6 @@ class Engine:
                 log.exception("a decode tick failed; failing its %d requests", len(self.live))
                 for seq in self.live.values():
                     seq.finish("error", error=f"internal error in the decode loop: {one_line(exc)}")
-                await self._drop_pipelined()
                 await asyncio.sleep(RETRY_SECONDS)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
@@ -351,9 +336,6 @@ class Engine:
             return
         steps, early = await self._driver_steps(seqs)
         seqs = [s for s in seqs if s.id in steps]
-        self._next = self._pipelined(seqs, steps)
-        if self._next is not None:
-            await asyncio.sleep(0)  # the call leaves now, not at the next await after the commits
         # A request whose own step raises fails alone (see _isolated); the others go on.
         for s in seqs:
             self._isolated(s, self._ran_ahead, s, steps[s.id])
@@ -384,80 +366,30 @@ class Engine:
 
         Returns the driver steps and those early guidance steps, both by request id.
         """
-        pipelined, self._next = self._next, None
-        started = {"base/pipelined": (pipelined.group, pipelined.call)} if pipelined else {}
-        covered = {s.id for s in pipelined.group} if pipelined else set()
         calls = {}
         for role in ("base", "guidance"):
-            group = [s for s in seqs if s.req.driver == role and s.id not in covered]
+            group = [s for s in seqs if s.req.driver == role]
             if group:
-                calls[role] = (group, [self._driver_step(s, s.unseen(role)) for s in group])
+                reqs = [
+                    StepRequest(
+                        s.id,
+                        k=s.policy.top_k,
+                        temperature=s.req.sampling.temperature,
+                        top_p=s.req.sampling.top_p,
+                        append=s.unseen(role),
+                        logprobs=s.req.sampling.logprobs,
+                        entropy_k=s.policy.entropy_k,
+                        ahead=run_ahead(s, self._fixed_threshold(s.policy), self.limits),
+                    )
+                    for s in group
+                ]
+                calls[role] = (group, reqs)
         ahead = self._overlapped(seqs)
         if ahead:
             calls["guidance/early"] = (ahead, [self._guidance_step(s) for s in ahead])
-        results = await self._batched_calls({r: ("step", c) for r, c in calls.items()}, started)
+        results = await self._batched_calls({r: ("step", c) for r, c in calls.items()})
         early = {res.seq_id: res for res in results.pop("guidance/early", [])}
-        for res in results.get("base/pipelined", []):
-            s = self.live.get(res.seq_id)
-            if s is not None and s.status is Status.RUNNING:
-                if len(s.commits) != pipelined.commits[s.id]:
-                    raise RuntimeError("a pipelined call did not take the commit that was made")
-                s.synced["base"] = len(s.commits)  # the call took the last commit with it
         return {res.seq_id: res for group in results.values() for res in group}, early
-
-    def _driver_step(self, seq: Sequence, append: list[Commit], committing: int = 0) -> StepRequest:
-        """The driver's step call for one request, taking `append` with it."""
-        return StepRequest(
-            seq.id,
-            k=seq.policy.top_k,
-            temperature=seq.req.sampling.temperature,
-            top_p=seq.req.sampling.top_p,
-            append=append,
-            logprobs=seq.req.sampling.logprobs,
-            entropy_k=seq.policy.entropy_k,
-            ahead=run_ahead(seq, self._fixed_threshold(seq.policy), self.limits, committing),
-        )
-
-    def _pipelined(self, seqs: list[Sequence], steps: dict[str, StepResult]) -> Pipelined | None:
-        """Start the base's next call now, before this one's steps are committed, when every
-        request of the tick is a `base` request that goes on past them.
-
-        A `base` step always commits the base's own sampled token (there is no junction), so
-        the next call can take that commit with it while the gateway commits, checks and
-        streams the burst that came back: the worker decodes the next burst meanwhile. A
-        request that ends in this burst (a stop string, max_tokens, a cancel) has its part of
-        the next call dropped; closing it frees the worker's copy, as for steps run ahead past
-        a stop. Any other policy, or a request not in step with its worker, waits for the
-        commits (its call depends on them). Served workers only (`Handle.parallel`): an
-        in-process runner's thread would contend with the gateway for one interpreter lock.
-        """
-        if not self._pipeline or not seqs:
-            return None
-        reqs, commits = [], {}
-        for s in seqs:
-            step = steps[s.id]
-            burst = 1 + len(step.earlier)  # steps to commit, one token each
-            if (
-                s.policy.policy != "base"
-                or s.req.driver != "base"
-                or s.lost
-                or s.cancelled
-                or step.sampled_text == EOS_TEXT
-                or s.stopping.tokens + burst >= s.req.sampling.max_tokens
-                or s.synced.get("base", 0) != len(s.commits)
-            ):
-                return None
-            piece = Commit(step.sampled_text, (step.sampled_id,), s.families["base"])
-            reqs.append(self._driver_step(s, [piece], committing=burst))
-            commits[s.id] = len(s.commits) + burst
-        call = asyncio.create_task(self._call("base", "step", reqs))
-        return Pipelined(list(seqs), call, commits)
-
-    async def _drop_pipelined(self) -> None:
-        """Wait out a pipelined call nobody will take (the loop stops, or a tick failed)."""
-        pipelined, self._next = self._next, None
-        if pipelined is not None:
-            await asyncio.gather(pipelined.call, return_exceptions=True)
 
     def _overlapped(self, seqs: list[Sequence]) -> list[Sequence]:
         """The BlendIn/hybrid requests whose guidance steps together with the base this tick.
@@ -674,30 +606,18 @@ class Engine:
         return Commit(top.texts[pick], (top.ids[pick],), seq.families["base"])
 
     # ----------------------------------------------------------------- plumbing
-    async def _batched_calls(
-        self,
-        calls: dict[str, tuple[str, Any]],
-        started: dict[str, tuple[list[Sequence], asyncio.Task]] | None = None,
-    ) -> dict[str, list]:
-        """Run one call per worker concurrently; a failed call fails only its requests.
-
-        `started`: calls already under way (key -> their requests and task), awaited and
-        handled with the others."""
-        started = started or {}
-        keys = [*calls, *started]
-        groups = {key: calls[key][1][0] for key in calls} | {k: g for k, (g, _) in started.items()}
+    async def _batched_calls(self, calls: dict[str, tuple[str, Any]]) -> dict[str, list]:
+        """Run one call per worker concurrently; a failed call fails only its requests."""
+        keys = list(calls)
 
         async def one(key: str):
             method, (group, reqs) = calls[key]
             return await self._call(key.split("/")[0], method, reqs)
 
-        outs = await asyncio.gather(
-            *(one(k) for k in calls), *(task for _, task in started.values()),
-            return_exceptions=True,
-        )
+        outs = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
         results = {}
         for key, out in zip(keys, outs, strict=True):
-            role, group = key.split("/")[0], groups[key]
+            role, group = key.split("/")[0], calls[key][1][0]
             if isinstance(out, BaseException):
                 self.supervisor.lost(role, group, out)
                 continue

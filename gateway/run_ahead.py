@@ -27,27 +27,22 @@ from shared.config import VALUE_POLICIES, Limits
 from shared.types import RunAhead
 
 
-def run_ahead(
-    seq: Sequence, threshold: float | None, limits: Limits, committing: int = 0
-) -> RunAhead | None:
+def run_ahead(seq: Sequence, threshold: float | None, limits: Limits) -> RunAhead | None:
     """How far this request's base may run ahead in its next call; None = one step.
 
     `threshold` is SIA's H when it stays fixed during the call (the request's own or a
     calibrated one); None when it is the server-wide running quantile, which moves with
     every step of every request, so the runner could not apply the gateway's test. The call
     takes at most 1 + `limits.run_ahead` steps, and starts none after `run_ahead_ms`.
-    `committing`: steps of the last call that are not committed yet, one token each (a
-    pipelined call starts before they are: `Engine._pipelined`).
     """
     policy = seq.policy
     if limits.run_ahead == 0 or seq.req.driver != "base" or threshold is None:
         return None
-    if seq.steps + committing == 0:
+    if seq.steps == 0:
         return None  # the first token streams as soon as it exists: time to first token
     if policy.policy in VALUE_POLICIES and policy.sia_decode != "request":
         return None  # the gateway draws from the top-k between junctions, not the runner
-    budget = seq.req.sampling.max_tokens - seq.stopping.tokens - committing
-    steps = min(1 + limits.run_ahead, budget)
+    steps = min(1 + limits.run_ahead, seq.req.sampling.max_tokens - seq.stopping.tokens)
     if steps <= 1:
         return None
     return RunAhead(steps, policy.policy, threshold, policy.tau, limits.run_ahead_ms / 1000)

@@ -197,11 +197,6 @@ class Limits:
     # when there are GPUs). When no junction follows, the guidance has only caught up early.
     # Served workers only (Ray actors); in-process runners take their calls in turn.
     overlap_guidance: bool = True
-    # `base` requests: the base's next call starts as soon as its last one returns, taking
-    # the token it ended on, while the gateway commits and streams what came back (the
-    # worker decodes the next burst meanwhile); if a request ended in that burst, its part
-    # of the next call is dropped. Served workers only, as above.
-    pipeline: bool = True
 
 
 @dataclass(slots=True)

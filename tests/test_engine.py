@@ -286,7 +286,6 @@ class RestartingRunner:
     ("policy", "role", "method", "at_call", "parallel"),
     [
         ("base", "base", "step", 2, False),  # the base runs ahead: its 2nd call is mid-request
-        ("base", "base", "step", 2, True),  # a pipelined call (it left before the commits)
         ("blendin", "guidance", "step", 4, False),
         ("blendin", "guidance", "step", 4, True),  # an early guidance step (overlapped) fails
         ("dense", "value", "score", 4, False),
