@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py --suite core --runs 3 --tokens 32
 
-Suites (each prints ratios, mean and min–max over the runs, measured interleaved):
+Suites (each prints ratios, mean, min–max and median over the runs, measured interleaved):
   core   Junction's in-process base-only loop ÷ transformers `generate` (single stream, greedy),
          and batch-of-8 aggregate throughput ÷ single stream.
   serve  gateway + Ray actors, single stream ÷ the in-process loop; 8 concurrent streaming
@@ -57,6 +57,9 @@ def summarize(name: str, values: list[float], goal: float | None = None) -> dict
     row = {
         "metric": name,
         "mean": statistics.fmean(values),
+        # On a shared 2-core machine one repetition in a few can run 1.5-2x slower than the
+        # rest: the median says what a typical repetition measured.
+        "median": statistics.median(values),
         "min": min(values),
         "max": max(values),
         "runs": len(values),
@@ -95,7 +98,7 @@ def print_rows(rows: list[dict]) -> None:
         goal = f"  (goal ≥ {r['goal']})" if "goal" in r else ""
         print(
             f"{r['metric']:<58} {r['mean']:8.3f}  [{r['min']:.3f} – {r['max']:.3f}]"
-            f"  n={r['runs']}{goal}"
+            f"  median {r['median']:.3f}  n={r['runs']}{goal}"
         )
 
 
