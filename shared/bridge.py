@@ -53,6 +53,7 @@ from shared.types import EOS_TEXT, Commit
 WINDOW = 5  # prompt tokens decoded as context for the first completion token
 METASPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+ENCODED_TEXTS, ENCODED_TEXT = 4096, 64  # `Vocab.encode` keeps this many texts this short
 UNKNOWN_RUN = b""  # `texts_after_boundary`: the byte tokens before are not known
 
 
@@ -131,6 +132,7 @@ class Vocab:
         self.byte_ids = frozenset(byte_ids.values())
         self.ascii_byte_ids = frozenset(i for b, i in byte_ids.items() if b < 0x80)
         self._tails: dict[int, bytes] = {}  # unfinished-character bytes of each id alone
+        self._encoded: dict[str, tuple[int, ...]] = {}  # short texts -> `encode(text)`
         self._encoder = self.backend
         if self._adds_prefix_space():
             config = json.loads(self.backend.to_str())
@@ -325,7 +327,20 @@ class Vocab:
             self._encoder.encode_special_tokens = saved
 
     def encode(self, text: str) -> list[int]:
-        """Ids that decode to exactly `spell(text)` when appended after a character boundary."""
+        """Ids that decode to exactly `spell(text)` when appended after a character boundary.
+
+        Another model's piece is encoded at every junction that takes it, and the same short
+        pieces come back again and again (words, U+FFFD): those are kept (a bounded table)."""
+        if (known := self._encoded.get(text)) is not None:
+            return list(known)
+        ids = self._encode_text(text)
+        if len(text) <= ENCODED_TEXT:
+            if len(self._encoded) >= ENCODED_TEXTS:
+                self._encoded.clear()
+            self._encoded[text] = tuple(ids)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
         text = self.spell(text)
         if self._metaspace_bytes is None or METASPACE not in text:
             return self._encode_plain(text)

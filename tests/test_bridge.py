@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from shared.bridge import (
+    ENCODED_TEXT,
+    ENCODED_TEXTS,
     TokenText,
     token_bytes,
     utf8_incomplete_tail,
@@ -421,3 +423,17 @@ def test_candidate_texts_after_byte_runs_spelled_byte_by_byte(
     assert not text.mid_char
     everything = list(range(len(tokenizer)))
     assert text.candidate_texts(everything) == [pushed_text(text, i) for i in everything]
+
+
+def test_encode_keeps_short_texts_and_hands_out_copies() -> None:
+    vocab = vocab_of(TOKENIZERS["metaspace"])
+    expected = vocab._encode_text(" the sea ▁")
+    first = vocab.encode(" the sea ▁")
+    first.append(-1)  # a caller's list: the kept encoding is not touched
+    assert vocab.encode(" the sea ▁") == expected == first[:-1]
+    long = "x" * (ENCODED_TEXT + 1)
+    assert vocab.encode(long) == vocab._encode_text(long) and long not in vocab._encoded
+    for n in range(ENCODED_TEXTS + 10):
+        vocab.encode(str(n))
+    assert len(vocab._encoded) <= ENCODED_TEXTS
+    assert vocab.encode("17") == vocab._encode_text("17")
