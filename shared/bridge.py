@@ -31,9 +31,10 @@ text, and a window that decodes to nothing (decoders that strip a leading space)
 byte-level decoder reads all bytes as one string, with a U+FFFD for each invalid part, so after
 a boundary even a token whose bytes are no UTF-8 text has one text. The byte tokens of
 byte-fallback decoders turn a whole run of byte tokens into U+FFFDs when the run is invalid,
-so their text depends on the byte tokens just before them: each context (no run, an invalid
-run, a valid run by how many characters the run would lose) has its own table, built once.
-A step looks its ids up in one C-level `itemgetter` call.
+so their text depends on the byte tokens just before them: the two contexts of nearly every
+step (no run, an invalid run) have whole tables of their own; after a valid run (by how many
+characters the run would lose) the byte tokens' texts are patched in. A step looks its ids
+up in one C-level `itemgetter` call.
 """
 
 from __future__ import annotations
@@ -144,10 +145,16 @@ class Vocab:
         self.missing_bytes = self._missing_bytes()
         self._anchor = self._plain_anchor()
         self._strips = "Strip" in types  # the decoder strips the text's start
-        self._tables: dict[int | None, dict[int, str | None]] = {}  # see `_table`
+        # Whole tables for the two contexts that come at nearly every step, after no byte
+        # token and after an invalid run (a copy of `_texts` each: a third would cost as much
+        # memory again for the rare valid run, whose byte tokens are patched in instead).
+        self._tables: dict[int | None, dict[int, str | None]] = {}
+        self._after_valid: dict[int, dict[int, str | None]] = {}  # byte tokens after valid runs
         self._loose_bytes: frozenset[int] = frozenset()  # byte tokens that start no character
         if self.byte_ids:
             self._fill_byte_texts()
+            if self._anchor is not None:
+                self._tables = {key: {**self._texts, **self._after_run(key)} for key in (None, 0)}
 
     def _plain_anchor(self) -> list[int] | None:
         """Ids of "a": the context a table text is decoded after (None: no table)."""
@@ -220,23 +227,21 @@ class Vocab:
         run valid and adds its character; after an invalid run every byte that starts no
         character adds one U+FFFD. With the run unknown (the default), byte tokens are None,
         save those that start a character."""
-        table = self._table(byte_run)
+        table, after = self._texts, None
+        if self._tables and byte_run != UNKNOWN_RUN:
+            key = self._run_key(byte_run)
+            if key in self._tables:
+                table = self._tables[key]
+            elif (after := self._after_valid.get(key)) is None:  # a valid run: patched in
+                after = self._after_valid[key] = self._after_run(key)
         try:  # every id in one C-level lookup (this runs for each candidate list)
-            return _lookup(table, token_ids)
+            texts = _lookup(table, token_ids)
         except KeyError:  # ids not seen before: their texts, once
             self._fill_texts([i for i in dict.fromkeys(token_ids) if i not in self._texts])
-            return _lookup(table, token_ids)
-
-    def _table(self, byte_run: bytes | None) -> dict[int, str | None]:
-        """The texts after a boundary for this run of byte tokens before it: the plain table
-        with the byte tokens' texts in that context (`_after_run`). One dict per context,
-        kept whole, so a lookup never merges two."""
-        if not self.byte_ids or byte_run == UNKNOWN_RUN or self._anchor is None:
-            return self._texts
-        key = self._run_key(byte_run)
-        if (table := self._tables.get(key)) is None:
-            table = self._tables[key] = {**self._texts, **self._after_run(key)}
-        return table
+            texts = _lookup(table, token_ids)
+        if after is None:
+            return texts
+        return [after.get(i, t) for i, t in zip(token_ids, texts, strict=True)]
 
     def _run_key(self, run: bytes | None) -> int | None:
         """What the byte tokens' texts depend on in a run: None (no run), 0 (an invalid run),
