@@ -248,9 +248,10 @@ class Vocab:
         else n + 1 - m for a valid run of n bytes decoded to m characters (see `_after_run`)."""
         if run is None:
             return None
-        if not valid_utf8(run):
+        try:
+            return len(run) + 1 - len(run.decode("utf-8"))
+        except UnicodeDecodeError:
             return 0
-        return len(run) + 1 - len(run.decode("utf-8"))
 
     def _after_run(self, key: int | None) -> dict[int, str | None]:
         """The byte tokens' texts after a boundary, by what came before (`_run_key`).
@@ -263,15 +264,14 @@ class Vocab:
         and what it adds past the old text's length is n + 1 - m of them, unless the decoder
         strips the text's start (a run that opens the text with a space would lose it only
         while valid), where it is decoded in the window. A byte that starts a character adds
-        "" in every context."""
-        starts = dict.fromkeys(self.byte_ids - self._loose_bytes, "")
+        "" in every context: it keeps its `_texts` entry, so only loose bytes are listed."""
         if key is None:
-            return {**self._byte_texts, **starts}
+            return dict(self._byte_texts)
         if key == 0:
-            return {**dict.fromkeys(self._loose_bytes, "\ufffd"), **starts}
+            return dict.fromkeys(self._loose_bytes, "\ufffd")
         other = None if self._strips else "\ufffd" * key
         ascii_texts = {i: self._byte_texts[i] for i in self.ascii_byte_ids}
-        return {**dict.fromkeys(self._loose_bytes, other), **ascii_texts, **starts}
+        return {**dict.fromkeys(self._loose_bytes, other), **ascii_texts}
 
     def _fill_byte_texts(self) -> None:
         """Every byte token's texts (at most 256, so all at once)."""
