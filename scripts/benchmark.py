@@ -11,7 +11,9 @@ Suites (each prints ratios, mean, min–max and median over the runs, measured i
   overhead  the loop's own cost per tick on the tiny random models of tests/tiny.py (their
          forward takes well under a millisecond): in process `base` and `blendin` at 1 and
          16 streams, and `junction serve` + Ray + SSE clients for `base`; prints the ratios
-         of issue 10's goals (`--tokens` is the request length; 64 in BENCHMARKS.md).
+         of issue 10's goals (`--tokens` is the request length; 64 in BENCHMARKS.md) and
+         the CPU each part of the served path takes per tick (gateway, base actor, the rest
+         of Ray, the SSE clients) against the in-process loop's.
   overlap  served `blendin` on the same tiny models with the guidance's step overlapped
          with the base's (the default) ÷ one after the other (`limits.overlap_guidance`).
 """
@@ -359,13 +361,29 @@ def tiny_spec(path: Path) -> ModelSpec:
 
 async def engine_ms_per_tick(engine: Engine, streams: int, tokens: int, policy: str) -> float:
     """Wall time ÷ decode steps of the longest request, `streams` requests admitted at once."""
+    ms, ticks, _ = await engine_run(engine, streams, tokens, policy)
+    return ms / ticks
+
+
+async def engine_run(
+    engine: Engine, streams: int, tokens: int, policy: str
+) -> tuple[float, int, float]:
+    """`streams` requests admitted at once: (wall ms, decode steps of the longest request,
+    CPU seconds of this whole process meanwhile: the loop and the runners' threads)."""
     reqs = [base_request(PROMPTS[n % len(PROMPTS)], tokens, policy) for n in range(streams)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(engine.generate(r) for r in reqs))
-    return 1000 * (time.perf_counter() - start) / max(r.steps for r in results)
+    cpu, elapsed = time.process_time() - cpu, time.perf_counter() - start
+    return 1000 * elapsed, max(r.steps for r in results), cpu
 
 
 async def serve_ms_per_tick(url: str, streams: int, tokens: int, policy: str = "base") -> float:
+    ms, ticks = await serve_run(url, streams, tokens, policy)
+    return ms / ticks
+
+
+async def serve_run(url: str, streams: int, tokens: int, policy: str = "base") -> tuple[float, int]:
+    """`streams` SSE clients at once: (wall ms, decode steps of the longest request)."""
     import httpx
 
     prompts = [PROMPTS[n % len(PROMPTS)] for n in range(streams)]
@@ -374,7 +392,32 @@ async def serve_ms_per_tick(url: str, streams: int, tokens: int, policy: str = "
         summaries = await asyncio.gather(
             *(stream_summary(client, url, p, tokens, policy) for p in prompts))
         elapsed = time.perf_counter() - start
-    return 1000 * elapsed / max(s["junction"]["steps"] for s in summaries)
+    return 1000 * elapsed, max(s["junction"]["steps"] for s in summaries)
+
+
+CPU_PARTS = ("gateway", "base actor", "ray", "clients")
+
+
+def served_cpu_seconds(gateway_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each part of the served path (`CPU_PARTS`): the gateway
+    process, the base model's actor, the rest of the gateway's local Ray (its GCS, raylet,
+    other workers) and this process, which runs the SSE clients. Each read is a snapshot;
+    a difference of two snapshots is what a run took. A process that ended is left out."""
+    import psutil
+
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
+    root = psutil.Process(gateway_pid)
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times, title = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        part = ("gateway" if proc.pid == gateway_pid
+                else "base actor" if title.startswith("ray::BaseWorker") else "ray")
+        parts[part] += times.user + times.system
+    own = psutil.Process().cpu_times()
+    parts["clients"] = own.user + own.system
+    return parts
 
 
 def overhead_suite(runs: int, tokens: int) -> list[dict]:
@@ -398,14 +441,30 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
     sides = [(p, n) for p in ("base", "blendin") for n in OVERHEAD_STREAMS]
     times: dict[tuple[str, int], list[float]] = {key: [] for key in sides}
     times |= {("serve", n): [] for n in OVERHEAD_STREAMS}
+    # CPU ms per tick, to say where a served tick's time goes on a machine this small: the
+    # in-process loop (one process) against each part of the served path (`CPU_PARTS`).
+    cpu: dict[tuple[str, int], list[float]] = {
+        (part, n): [] for part in ("in process", *CPU_PARTS) for n in OVERHEAD_STREAMS
+    }
 
     async def in_process(policy: str, streams: int) -> float:
         engine = Engine(runners, Limits(max_concurrency=64))
         await engine.start()
         try:
-            return await engine_ms_per_tick(engine, streams, tokens, policy)
+            ms, ticks, seconds = await engine_run(engine, streams, tokens, policy)
         finally:
             await engine.close()
+        if policy == "base":
+            cpu["in process", streams].append(1000 * seconds / ticks)
+        return ms / ticks
+
+    def served(streams: int) -> float:
+        before = served_cpu_seconds(gateway.proc.pid)
+        ms, ticks = asyncio.run(serve_run(gateway.url, streams, tokens))
+        after = served_cpu_seconds(gateway.proc.pid)
+        for part in CPU_PARTS:
+            cpu[part, streams].append(1000 * (after[part] - before[part]) / ticks)
+        return ms / ticks
 
     try:
         gateway.wait_ready()
@@ -413,12 +472,13 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
             asyncio.run(in_process(policy, streams))
         for streams in OVERHEAD_STREAMS:
             asyncio.run(serve_ms_per_tick(gateway.url, streams, tokens))
+        for values in cpu.values():
+            values.clear()
         for i in range(runs):
             for policy, streams in sides:
                 times[policy, streams].append(asyncio.run(in_process(policy, streams)))
             for streams in OVERHEAD_STREAMS:
-                times["serve", streams].append(
-                    asyncio.run(serve_ms_per_tick(gateway.url, streams, tokens)))
+                times["serve", streams].append(served(streams))
             print(f"  run {i + 1}: " + ", ".join(
                 f"{p}@{n} {t[-1]:.2f} ms/tick" for (p, n), t in times.items()), file=sys.stderr)
     finally:
@@ -427,6 +487,17 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
              "serve": "serve+Ray, base"}
     rows = [summarize(f"overhead: {names[p]}, {n} streams, ms/tick", t)
             for (p, n), t in times.items()]
+    for n in OVERHEAD_STREAMS:
+        served_total = [sum(parts) for parts in zip(*(cpu[p, n] for p in CPU_PARTS), strict=True)]
+        label = f"overhead: CPU ms/tick, base, {n} streams"
+        rows += [
+            summarize(f"{label}, in process", cpu["in process", n]),
+            *(summarize(f"{label}, served: {part}", cpu[part, n]) for part in CPU_PARTS),
+            summarize(f"{label}, served: all", served_total),
+            # How many cores the served path keeps busy: all its CPU ÷ its wall time.
+            summarize(f"overhead: served base, {n} streams, busy cores",
+                      [c / t for c, t in zip(served_total, times["serve", n], strict=True)]),
+        ]
 
     def ratio(a: tuple[str, int], b: tuple[str, int]) -> list[float]:
         return [x / y for x, y in zip(times[a], times[b], strict=True)]
