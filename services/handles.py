@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -19,7 +19,13 @@ class Handle(Protocol):
     # than one after the other (BENCHMARKS.md, "Overlapped guidance").
     parallel: bool
 
-    async def call(self, method: str, *args: Any) -> Any: ...
+    def call(self, method: str, *args: Any) -> Awaitable[Any]:
+        """Send the call now and return what to await for its answer.
+
+        Sent at once, not when first awaited: the engine's next step leaves the moment the
+        engine asks for it, before the streams its last commits woke write their events.
+        """
+        ...
 
     def unavailable(self, exc: BaseException) -> bool:
         """Did this call fail because the worker lost its state? Then the request can replay."""
@@ -46,9 +52,9 @@ class LocalHandle:
         self.parallel = parallel
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
-    async def call(self, method: str, *args: Any) -> Any:
+    def call(self, method: str, *args: Any) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, getattr(self.runner, method), *args)
+        return loop.run_in_executor(self._thread, getattr(self.runner, method), *args)
 
     def unavailable(self, exc: BaseException) -> bool:
         return isinstance(exc, WorkerRestarted)
@@ -69,8 +75,8 @@ class RayHandle:
         self.actor = actor
         self._spawn = spawn
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await getattr(self.actor, method).remote(*args)
+    def call(self, method: str, *args: Any) -> Awaitable[Any]:
+        return getattr(self.actor, method).remote(*args)  # an ObjectRef: awaitable
 
     def unavailable(self, exc: BaseException) -> bool:
         from ray.exceptions import ActorUnavailableError, RayActorError

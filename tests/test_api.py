@@ -491,8 +491,11 @@ def lose_guidance_sequence(srv: Server) -> None:
     wait_for(lambda: len(gateway.engine.live) == 1, 10, "no live request")
     seq_id = next(iter(gateway.engine.live))
     loop = gateway.engine._task.get_loop()  # the server's loop, where the handle lives
-    close = gateway.workers["guidance"].call("close", seq_id)
-    asyncio.run_coroutine_threadsafe(close, loop).result(10)
+
+    async def close() -> None:  # a handle sends its call at once: on the server's loop
+        await gateway.workers["guidance"].call("close", seq_id)
+
+    asyncio.run_coroutine_threadsafe(close(), loop).result(10)
 
 
 BLEND_LONG = {"policy": "blendin", "tau": 1.0}
