@@ -52,10 +52,13 @@ class TracingHandle(LocalHandle):
         super().__init__(runner, parallel=parallel)
         self.role, self.log = role, log
 
-    async def call(self, method: str, *args):
-        self.log.append(("start", self.role, method))
+    def call(self, method: str, *args):
+        self.log.append(("start", self.role, method))  # a handle sends its call at once
+        return self._ended(method, super().call(method, *args))
+
+    async def _ended(self, method: str, answer):
         try:
-            return await super().call(method, *args)
+            return await answer
         finally:
             self.log.append(("end", self.role, method))
 
