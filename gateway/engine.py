@@ -106,6 +106,10 @@ class Engine:
         self.observer = observer or NullObserver()
         self.infos: dict[str, ModelInfo] = {}
         self.live: dict[str, Sequence] = {}
+        # Requests whose closes are on their way (`_reap`): still live (their workers hold
+        # them) until the workers answer, but no longer stepped or recovered.
+        self._closing: set[str] = set()
+        self._reaping: set[asyncio.Future] = set()
         self._admitting = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -164,9 +168,11 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.supervisor.close()
+        await asyncio.gather(*self._reaping, return_exceptions=True)
         for seq in self.live.values():
             seq.finish("cancelled")
-        await self._reap()
+        self._reap()
+        await asyncio.gather(*self._reaping, return_exceptions=True)
 
     # ----------------------------------------------------------------- requests
     async def submit(self, req: GenerationRequest) -> Sequence:
@@ -303,7 +309,7 @@ class Engine:
     # ----------------------------------------------------------------- the loop
     async def _run(self) -> None:
         while True:
-            if not self.live:
+            if not self._active():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -326,12 +332,17 @@ class Engine:
         for seq in self.live.values():
             seq.finish("error", error=self.stopped)
 
+    def _active(self) -> list[Sequence]:
+        """Live requests that are not being closed."""
+        return [s for s in self.live.values() if s.id not in self._closing]
+
     async def _tick(self) -> None:
-        await self._reap()
-        await self.supervisor.recover(self.live.values(), self._call)
-        seqs = [s for s in self.live.values() if s.status is Status.RUNNING and not s.lost]
+        self._reap()
+        await self.supervisor.recover(self._active(), self._call)
+        active = self._active()
+        seqs = [s for s in active if s.status is Status.RUNNING and not s.lost]
         if not seqs:
-            if self.live:  # every live request waits for a worker to come back
+            if active:  # every live request waits for a worker to come back
                 await asyncio.sleep(RETRY_SECONDS)
             return
         steps, early = await self._driver_steps(seqs)
@@ -345,7 +356,7 @@ class Engine:
         for s in seqs:
             if s.status is Status.RUNNING and not s.lost:
                 self._isolated(s, self._advance, s, steps[s.id], kinds[s.id], values, blends, words)
-        await self._reap()
+        self._reap()
 
     def _isolated(self, seq: Sequence, run: Any, *args: Any) -> Any:
         """`run(*args)` for one request; if it raises, that request fails with a clear error."""
@@ -663,18 +674,34 @@ class Engine:
             *(self._call(role, "close", seq_id) for role in roles), return_exceptions=True
         )
 
-    async def _reap(self) -> None:
+    def _reap(self) -> None:
         """Free finished and cancelled requests on every worker that holds them.
 
-        Workers are told first and the request is forgotten after, so a reap interrupted by
-        shutdown leaves the request in `live` for the next reap instead of leaking caches.
+        The closes are sent now and the loop goes on without waiting for their answers: a
+        tick that waited took a round trip per request per worker before its next step
+        (11-23 ms of a served 16-stream run whose requests end together, timed). Workers are
+        told first and a request is forgotten once they have answered (`_forget`), so a
+        reap cut short by shutdown leaves it in `live` for `close` to free.
         """
-        done = [s for s in self.live.values() if s.cancelled or s.status is Status.FINISHED]
+        done = [
+            s for s in self._active() if s.cancelled or s.status is Status.FINISHED
+        ]
         if not done:
             return
         for seq in done:
             seq.finish("cancelled")  # no-op when it already finished
-        await asyncio.gather(*(self._close_on(s.id, s.req.roles) for s in done))
+            self._closing.add(seq.id)
+        closes = [self._send(role, "close", s.id) for s in done for role in s.req.roles]
+        reaping = asyncio.ensure_future(self._forget(done, closes))
+        self._reaping.add(reaping)
+        reaping.add_done_callback(self._reaping.discard)
+
+    async def _forget(self, done: list[Sequence], closes: list[Awaitable[Any]]) -> None:
+        """Once their workers have answered the closes, forget the requests."""
+        try:
+            await asyncio.gather(*closes, return_exceptions=True)
+        finally:
+            self._closing.difference_update(s.id for s in done)
         for seq in done:
             if self.live.pop(seq.id, None) is not None:
                 self.observer.on_finish(seq, seq.result())

@@ -216,6 +216,51 @@ def test_over_the_concurrency_limit_is_refused_and_nothing_leaks(workers):
     assert all(w.live() == 0 for w in workers.values())
 
 
+class SlowCloses(LocalHandle):
+    """Answers closes late (a busy worker, a slow network) and logs when calls leave."""
+
+    def __init__(self, runner, log: list) -> None:
+        super().__init__(runner)
+        self.log = log
+
+    def call(self, method: str, *args):
+        answer = super().call(method, *args)
+        self.log.append(f"{method} sent")
+        return self._late(answer) if method == "close" else answer
+
+    async def _late(self, answer):
+        out = await answer
+        await asyncio.sleep(0.3)
+        self.log.append("close answered")
+        return out
+
+
+def test_the_loop_goes_on_while_closes_are_answered(workers):
+    """A finished request's closes are sent at once, and the next steps do not wait for
+    their answers; the request stays live (held by its worker) until they come."""
+    log: list = []
+    short, long = request("base", max_tokens=2), request("base", max_tokens=12)
+
+    async def main():
+        engine = Engine({"base": SlowCloses(workers["base"], log)}, Limits(run_ahead=0))
+        await engine.start()
+        try:
+            first = await engine.generate(short)
+            still_live = short.request_id in engine.live  # its close is not answered yet
+            return first, await engine.generate(long), still_live
+        finally:
+            await engine.close()
+
+    both = asyncio.run(main())
+    assert both[2]
+    sent, answered = log.index("close sent"), log.index("close answered")
+    assert log[sent:answered].count("step sent") >= 5  # the long request went on meanwhile
+    alone = [run({"base": workers["base"]}, r)[0].text for r in (request("base", max_tokens=2),
+                                                                 request("base", max_tokens=12))]
+    assert [both[0].text, both[1].text] == alone
+    assert workers["base"].live() == 0
+
+
 def test_cancel_frees_the_sequence_on_every_worker(workers):
     async def main():
         async with started(workers) as engine:
