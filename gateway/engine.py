@@ -677,11 +677,13 @@ class Engine:
     def _reap(self) -> None:
         """Free finished and cancelled requests on every worker that holds them.
 
-        The closes are sent now and the loop goes on without waiting for their answers: a
-        tick that waited took a round trip per request per worker before its next step
-        (11-23 ms of a served 16-stream run whose requests end together, timed). Workers are
-        told first and a request is forgotten once they have answered (`_forget`), so a
-        reap cut short by shutdown leaves it in `live` for `close` to free.
+        One call per worker for all of them (`close_many`), sent now; the loop goes on
+        without waiting for the answers: a tick that waited took a round trip per request
+        per worker before its next step (11-23 ms of a served 16-stream run whose requests
+        end together, timed), and a Ray call costs ~0.3 ms of the worker's CPU and ~0.5 of
+        the gateway's whatever it carries. Workers are told first and a request is forgotten
+        once they have answered (`_forget`), so a reap cut short by shutdown leaves it in
+        `live` for `close` to free.
         """
         done = [
             s for s in self._active() if s.cancelled or s.status is Status.FINISHED
@@ -691,7 +693,11 @@ class Engine:
         for seq in done:
             seq.finish("cancelled")  # no-op when it already finished
             self._closing.add(seq.id)
-        closes = [self._send(role, "close", s.id) for s in done for role in s.req.roles]
+        held: defaultdict[str, list[str]] = defaultdict(list)
+        for seq in done:
+            for role in seq.req.roles:
+                held[role].append(seq.id)
+        closes = [self._send(role, "close_many", ids) for role, ids in held.items()]
         reaping = asyncio.ensure_future(self._forget(done, closes))
         self._reaping.add(reaping)
         reaping.add_done_callback(self._reaping.discard)

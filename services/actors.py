@@ -59,6 +59,9 @@ class _Worker:
     def close(self, seq_id: str) -> None:
         self.runner.close(seq_id)
 
+    def close_many(self, seq_ids: list[str]) -> None:
+        self.runner.close_many(seq_ids)
+
     def live(self) -> int:
         return self.runner.live()
 

@@ -144,6 +144,11 @@ class LMRunner:
         if self.seqs.pop(seq_id, None) is not None and self.batch and seq_id in self.batch.seq_ids:
             self._unbatch()
 
+    def close_many(self, seq_ids: list[str]) -> None:
+        """Close several sequences in one call: the engine frees all that a tick ended."""
+        for seq_id in seq_ids:
+            self.close(seq_id)
+
     def live(self) -> int:
         return len(self.seqs)
 

@@ -108,6 +108,11 @@ class ValueRunner:
     def close(self, seq_id: str) -> None:
         self.seqs.pop(seq_id, None)
 
+    def close_many(self, seq_ids: list[str]) -> None:
+        """Close several sequences in one call: the engine frees all that a tick ended."""
+        for seq_id in seq_ids:
+            self.close(seq_id)
+
     def live(self) -> int:
         return len(self.seqs)
 

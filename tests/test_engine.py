@@ -226,7 +226,7 @@ class SlowCloses(LocalHandle):
     def call(self, method: str, *args):
         answer = super().call(method, *args)
         self.log.append(f"{method} sent")
-        return self._late(answer) if method == "close" else answer
+        return self._late(answer) if method == "close_many" else answer
 
     async def _late(self, answer):
         out = await answer
@@ -253,11 +253,34 @@ def test_the_loop_goes_on_while_closes_are_answered(workers):
 
     both = asyncio.run(main())
     assert both[2]
-    sent, answered = log.index("close sent"), log.index("close answered")
+    sent, answered = log.index("close_many sent"), log.index("close answered")
     assert log[sent:answered].count("step sent") >= 5  # the long request went on meanwhile
     alone = [run({"base": workers["base"]}, r)[0].text for r in (request("base", max_tokens=2),
                                                                  request("base", max_tokens=12))]
     assert [both[0].text, both[1].text] == alone
+    assert workers["base"].live() == 0
+
+
+def test_requests_that_end_together_are_closed_in_one_call_per_worker(workers):
+    log: list = []
+
+    async def main():
+        engine = Engine({"base": SlowCloses(workers["base"], log)}, Limits())
+        await engine.start()
+        try:
+            seqs = [await engine.submit(request("base", max_tokens=200)) for _ in range(4)]
+            for seq in seqs:  # in one go: the next reap finds all four
+                engine.cancel(seq)
+            results = []
+            for seq in seqs:
+                results.append([item async for item in engine.stream(seq)][-1])
+            return results
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    assert [r.finish_reason for r in results] == ["cancelled"] * 4
+    assert log.count("open sent") == 4 and log.count("close_many sent") == 1
     assert workers["base"].live() == 0
 
 
