@@ -110,6 +110,8 @@ class Engine:
         # them) until the workers answer, but no longer stepped or recovered.
         self._closing: set[str] = set()
         self._reaping: set[asyncio.Future] = set()
+        # Opens asked for in this turn of the loop, by role: they leave as one call (`_open_on`).
+        self._opening: dict[str, list[tuple[tuple, asyncio.Future]]] = {}
         self._admitting = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -245,7 +247,7 @@ class Engine:
             seed = secrets.randbits(63)  # its own random stream, recorded in the result
         counts = await asyncio.gather(
             *(
-                self._call(role, "open", req.request_id, req.prompt, req.messages, seed)
+                self._open_on(role, req.request_id, req.prompt, req.messages, seed)
                 for role in req.roles
             ),
             return_exceptions=True,
@@ -668,6 +670,40 @@ class Engine:
             self.observer.on_actor_call(role, time.perf_counter() - start)
         self.supervisor.answered(role)
         return out
+
+    def _open_on(self, role: str, *args: Any) -> asyncio.Future:
+        """One request's open on `role`'s worker (its prompt length, when answered).
+
+        The opens asked for in one turn of the loop leave together as one `open_many` call at
+        the end of the turn: requests that arrive together (HTTP requests read in one turn)
+        cost the worker and the gateway one call, not one each (`services.many`).
+        """
+        loop = asyncio.get_running_loop()
+        queued = self._opening.setdefault(role, [])
+        if not queued:
+            loop.call_soon(self._send_opens, role)
+        answer = loop.create_future()
+        queued.append((args, answer))
+        return answer
+
+    def _send_opens(self, role: str) -> None:
+        queued = self._opening.pop(role, [])
+        call = asyncio.ensure_future(self._send(role, "open_many", [a for a, _ in queued]))
+
+        def deliver(call: asyncio.Future) -> None:
+            failed = None if call.cancelled() else call.exception()
+            counts = call.result() if not call.cancelled() and failed is None else None
+            for i, (_, answer) in enumerate(queued):
+                if answer.done():  # its request was cancelled meanwhile
+                    continue
+                if counts is None:
+                    answer.set_exception(failed or asyncio.CancelledError())
+                elif isinstance(counts[i], BaseException):
+                    answer.set_exception(counts[i])
+                else:
+                    answer.set_result(counts[i])
+
+        call.add_done_callback(deliver)
 
     async def _close_on(self, seq_id: str, roles: tuple[str, ...]) -> None:
         await asyncio.gather(

@@ -53,6 +53,9 @@ class _Worker:
     def open(self, *args: Any) -> int:
         return self.runner.open(*args)
 
+    def open_many(self, opens: list) -> list:
+        return self.runner.open_many(opens)
+
     def count_prompt(self, *args: Any) -> int:
         return self.runner.count_prompt(*args)
 

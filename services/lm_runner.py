@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from services.kv import checkpoint, rollback, slice_row, stack_rows
+from services.many import OpensAndCloses
 from shared.bridge import TokenText
 from shared.models import LoadedModel
 from shared.prompts import build_prompt_ids
@@ -95,7 +96,7 @@ class _Word:
     next_text: str = ""  # the first token of the next word, when seen (Nudging's resume rule)
 
 
-class LMRunner:
+class LMRunner(OpensAndCloses):
     def __init__(self, loaded: LoadedModel, role: str, chat: bool) -> None:
         self.loaded = loaded
         self.role = role
@@ -143,11 +144,6 @@ class LMRunner:
     def close(self, seq_id: str) -> None:
         if self.seqs.pop(seq_id, None) is not None and self.batch and seq_id in self.batch.seq_ids:
             self._unbatch()
-
-    def close_many(self, seq_ids: list[str]) -> None:
-        """Close several sequences in one call: the engine frees all that a tick ended."""
-        for seq_id in seq_ids:
-            self.close(seq_id)
 
     def live(self) -> int:
         return len(self.seqs)

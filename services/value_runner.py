@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from services.kv import expand_row
+from services.many import OpensAndCloses
 from shared.bridge import TokenText
 from shared.calibration import Calibration, load_calibration
 from shared.config import ModelSpec
@@ -47,7 +48,7 @@ class _Sequence:
     last_logprobs: torch.Tensor | None = None  # log-ratio kind: log p_θ of the next token
 
 
-class ValueRunner:
+class ValueRunner(OpensAndCloses):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -107,11 +108,6 @@ class ValueRunner:
 
     def close(self, seq_id: str) -> None:
         self.seqs.pop(seq_id, None)
-
-    def close_many(self, seq_ids: list[str]) -> None:
-        """Close several sequences in one call: the engine frees all that a tick ended."""
-        for seq_id in seq_ids:
-            self.close(seq_id)
 
     def live(self) -> int:
         return len(self.seqs)

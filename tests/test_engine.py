@@ -261,14 +261,15 @@ def test_the_loop_goes_on_while_closes_are_answered(workers):
     assert workers["base"].live() == 0
 
 
-def test_requests_that_end_together_are_closed_in_one_call_per_worker(workers):
+def test_requests_that_arrive_together_open_and_close_in_one_call_per_worker(workers):
     log: list = []
 
     async def main():
         engine = Engine({"base": SlowCloses(workers["base"], log)}, Limits())
         await engine.start()
         try:
-            seqs = [await engine.submit(request("base", max_tokens=200)) for _ in range(4)]
+            reqs = [request("base", max_tokens=200) for _ in range(4)]
+            seqs = await asyncio.gather(*(engine.submit(r) for r in reqs))  # one turn
             for seq in seqs:  # in one go: the next reap finds all four
                 engine.cancel(seq)
             results = []
@@ -280,8 +281,37 @@ def test_requests_that_end_together_are_closed_in_one_call_per_worker(workers):
 
     results = asyncio.run(main())
     assert [r.finish_reason for r in results] == ["cancelled"] * 4
-    assert log.count("open sent") == 4 and log.count("close_many sent") == 1
+    assert log.count("open_many sent") == 1 and log.count("close_many sent") == 1
     assert workers["base"].live() == 0
+
+
+class PickyRunner(LMRunner):
+    """Refuses to open one prompt, as a worker whose tokenizer rejects a text would."""
+
+    def open(self, seq_id: str, prompt: str | None = None, *args) -> int:
+        if prompt == "refuse me":
+            raise ValueError("prompt: this worker refuses it")
+        return super().open(seq_id, prompt, *args)
+
+
+def test_a_request_its_worker_cannot_open_fails_alone_among_those_opened_with_it(workers):
+    picky = PickyRunner(workers["base"].loaded, "base", chat=False)
+    refused = GenerationRequest(prompt="refuse me", sampling=SamplingParams(max_tokens=4))
+
+    async def main():
+        async with started({"base": picky}) as engine:
+            return await asyncio.gather(
+                engine.generate(request("base", max_tokens=4)),
+                engine.generate(refused),
+                engine.generate(request("base", max_tokens=4)),
+                return_exceptions=True,
+            )
+
+    first, error, third = asyncio.run(main())
+    assert isinstance(error, ValueError) and str(error) == "prompt: this worker refuses it"
+    (alone,) = run({"base": picky}, request("base", max_tokens=4))
+    assert first.text == third.text == alone.text
+    assert picky.live() == 0
 
 
 def test_cancel_frees_the_sequence_on_every_worker(workers):
