@@ -109,7 +109,9 @@ class Engine:
         # Requests whose closes are on their way (`_reap`): still live (their workers hold
         # them) until the workers answer, but no longer stepped or recovered.
         self._closing: set[str] = set()
-        self._reaping: set[asyncio.Future] = set()
+        # Calls no request awaits (closes being answered, opens being handed out): kept here
+        # until done, and awaited by `close`.
+        self._in_flight: set[asyncio.Future] = set()
         # Opens asked for in this turn of the loop, by role: they leave as one call (`_open_on`).
         self._opening: dict[str, list[tuple[tuple, asyncio.Future]]] = {}
         self._admitting = 0
@@ -170,11 +172,11 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.supervisor.close()
-        await asyncio.gather(*self._reaping, return_exceptions=True)
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         for seq in self.live.values():
             seq.finish("cancelled")
         self._reap()
-        await asyncio.gather(*self._reaping, return_exceptions=True)
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     # ----------------------------------------------------------------- requests
     async def submit(self, req: GenerationRequest) -> Sequence:
@@ -625,7 +627,7 @@ class Engine:
         Every call is sent before this coroutine first waits (`_send`). The commits of the
         last tick woke the streams of its requests, and those run before any task created
         now: a call sent from a task would wait for all of them to encode and write their
-        events (2-11 ms a call, timed, served `base` at 16 streams), the worker idle.
+        events (up to 17 ms a call, timed, served `base` at 16 streams), the worker idle.
         """
         keys = list(calls)
         answers = [
@@ -688,22 +690,38 @@ class Engine:
 
     def _send_opens(self, role: str) -> None:
         queued = self._opening.pop(role, [])
-        call = asyncio.ensure_future(self._send(role, "open_many", [a for a, _ in queued]))
+        call = self._background(self._send(role, "open_many", [a for a, _ in queued]))
 
         def deliver(call: asyncio.Future) -> None:
             failed = None if call.cancelled() else call.exception()
-            counts = call.result() if not call.cancelled() and failed is None else None
-            for i, (_, answer) in enumerate(queued):
-                if answer.done():  # its request was cancelled meanwhile
-                    continue
-                if counts is None:
-                    answer.set_exception(failed or asyncio.CancelledError())
-                elif isinstance(counts[i], BaseException):
-                    answer.set_exception(counts[i])
+            counts = None if call.cancelled() or failed is not None else call.result()
+            # Opened for a request that went away meanwhile (its client disconnected while it
+            # was admitted): closed again at once, so its worker does not keep it.
+            abandoned = []
+            for (args, answer), count in zip(queued, counts or [None] * len(queued), strict=True):
+                if answer.done():
+                    if isinstance(count, int):
+                        abandoned.append(args[0])
+                elif counts is None:
+                    if failed is None:
+                        answer.cancel()
+                    else:
+                        answer.set_exception(failed)
+                elif isinstance(count, BaseException):
+                    answer.set_exception(count)
                 else:
-                    answer.set_result(counts[i])
+                    answer.set_result(count)
+            if abandoned:
+                self._background(self._send(role, "close_many", abandoned))
 
         call.add_done_callback(deliver)
+
+    def _background(self, call: Awaitable[Any]) -> asyncio.Future:
+        """Run a call no request awaits to its end (`close` waits for it)."""
+        task = asyncio.ensure_future(call)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return task
 
     async def _close_on(self, seq_id: str, roles: tuple[str, ...]) -> None:
         await asyncio.gather(
@@ -721,9 +739,7 @@ class Engine:
         once they have answered (`_forget`), so a reap cut short by shutdown leaves it in
         `live` for `close` to free.
         """
-        done = [
-            s for s in self._active() if s.cancelled or s.status is Status.FINISHED
-        ]
+        done = [s for s in self._active() if s.cancelled or s.status is Status.FINISHED]
         if not done:
             return
         for seq in done:
@@ -734,9 +750,7 @@ class Engine:
             for role in seq.req.roles:
                 held[role].append(seq.id)
         closes = [self._send(role, "close_many", ids) for role, ids in held.items()]
-        reaping = asyncio.ensure_future(self._forget(done, closes))
-        self._reaping.add(reaping)
-        reaping.add_done_callback(self._reaping.discard)
+        self._background(self._forget(done, closes))
 
     async def _forget(self, done: list[Sequence], closes: list[Awaitable[Any]]) -> None:
         """Once their workers have answered the closes, forget the requests."""

@@ -285,6 +285,27 @@ def test_requests_that_arrive_together_open_and_close_in_one_call_per_worker(wor
     assert workers["base"].live() == 0
 
 
+def test_a_request_cancelled_while_it_opens_leaves_nothing_on_its_worker(workers):
+    """A client that disconnects during admission: its open, already sent with others, is
+    answered for nobody, and the engine closes it again."""
+
+    async def main():
+        async with started(workers) as engine:
+            admitting = asyncio.create_task(engine.submit(request("base", max_tokens=4)))
+            await asyncio.sleep(0)  # it asks for its open
+            await asyncio.sleep(0)  # the open leaves
+            admitting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await admitting
+            for _ in range(100):  # the open is answered, then closed
+                if workers["base"].live() == 0 and not engine._in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            return workers["base"].live(), engine.live
+
+    assert asyncio.run(main()) == (0, {})
+
+
 class PickyRunner(LMRunner):
     """Refuses to open one prompt, as a worker whose tokenizer rejects a text would."""
 
