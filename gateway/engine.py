@@ -342,8 +342,8 @@ class Engine:
 
     async def _tick(self) -> None:
         self._reap()
-        await self.supervisor.recover(self._active(), self._call)
-        active = self._active()
+        active = self._active()  # recovery finishes requests at most: none starts closing
+        await self.supervisor.recover(active, self._call)
         seqs = [s for s in active if s.status is Status.RUNNING and not s.lost]
         if not seqs:
             if active:  # every live request waits for a worker to come back

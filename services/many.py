@@ -12,13 +12,11 @@ from typing import Any
 
 
 class OpensAndCloses:
-    """`open_many` and `close_many` over a runner's own `open` and `close`."""
+    """`open_many` and `close_many` over the `open` and `close` of the runner that mixes
+    this in (`LMRunner`, `ValueRunner`)."""
 
-    def open(self, seq_id: str, *args: Any) -> int:  # pragma: no cover - the runner's own
-        raise NotImplementedError
-
-    def close(self, seq_id: str) -> None:  # pragma: no cover - the runner's own
-        raise NotImplementedError
+    open: Any
+    close: Any
 
     def open_many(self, opens: list[tuple]) -> list[int | Exception]:
         """Each open's prompt length in tokens, or what it raised, in order: one request
