@@ -114,7 +114,9 @@ class Engine:
         self._in_flight: set[asyncio.Future] = set()
         # Opens asked for in this turn of the loop, by role: they leave as one call (`_open_on`).
         self._opening: dict[str, list[tuple[tuple, asyncio.Future]]] = {}
-        self._admitting = 0
+        # Requests being opened (`submit`): each future is done once its request is live (or
+        # refused). A tick that takes first steps waits for them (`_join_admissions`).
+        self._admitting: set[asyncio.Future] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -187,23 +189,26 @@ class Engine:
             raise ValueError(f"policy: {req.policy.policy} needs a {missing[0]} model{hint}")
         if req.sampling.max_tokens > self.limits.max_tokens:
             raise ValueError(f"max_tokens: at most {self.limits.max_tokens}")
-        if self.running() + self._admitting >= self.limits.max_concurrency:
+        if self.running() + len(self._admitting) >= self.limits.max_concurrency:
             raise EngineOverloaded(self.limits.max_concurrency)
         if self._closed or self.stopped:
             raise RuntimeError(self.stopped or "the engine is shut down")
         down = next((r for r in req.roles if r in self.supervisor.down), None)
         if down is not None:
             raise WorkerDown(down, self.supervisor.down[down])
-        self._admitting += 1
+        admitted = asyncio.get_running_loop().create_future()
+        self._admitting.add(admitted)
         try:
             seq = await self._open(req)
+            if not self._closed:
+                self.live[seq.id] = seq
+                self._wake.set()
         finally:
-            self._admitting -= 1
+            self._admitting.discard(admitted)
+            admitted.set_result(None)
         if self._closed:  # shut down while this request was being opened
             await self._close_on(seq.id, req.roles)
             raise RuntimeError("the engine is shut down")
-        self.live[seq.id] = seq
-        self._wake.set()
         return seq
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent | GenerationResult]:
@@ -341,6 +346,7 @@ class Engine:
         return [s for s in self.live.values() if s.id not in self._closing]
 
     async def _tick(self) -> None:
+        await self._join_admissions()
         self._reap()
         active = self._active()  # recovery finishes requests at most: none starts closing
         await self.supervisor.recover(active, self._call)
@@ -361,6 +367,22 @@ class Engine:
             if s.status is Status.RUNNING and not s.lost:
                 self._isolated(s, self._advance, s, steps[s.id], kinds[s.id], values, blends, words)
         self._reap()
+
+    async def _join_admissions(self) -> None:
+        """A tick that takes first steps waits for the requests being opened, at most
+        `limits.join_ms`, so that requests that arrive together start together.
+
+        HTTP requests sent at once reach the engine a few ms apart, and their opens leave in
+        two or three calls. Without the wait, the first tick started with the first ones; the
+        others took their first step in the next call, while the first ones ran ahead, and
+        stayed a burst behind: at the end the batch took one more call for them alone (timed,
+        served `base`, 16 streams of 64 tokens: ~1 run in 2, ~20% of its wall time). A running
+        batch does not wait: a request that arrives then takes its first step at its next call.
+        """
+        if not self._admitting or self.limits.join_ms == 0:
+            return
+        if any(s.steps == 0 and s.status is Status.RUNNING for s in self._active()):
+            await asyncio.wait(list(self._admitting), timeout=self.limits.join_ms / 1000)
 
     def _isolated(self, seq: Sequence, run: Any, *args: Any) -> Any:
         """`run(*args)` for one request; if it raises, that request fails with a clear error."""

@@ -191,6 +191,10 @@ class Limits:
     # step) the token cap binds, on a slow one the streaming delay stays about that long.
     run_ahead: Annotated[int, Field(ge=0)] = 8
     run_ahead_ms: Annotated[float, Field(gt=0)] = 100.0
+    # A tick that takes requests' first steps waits up to this long for the requests still
+    # being opened, so that requests sent together start in one call and run ahead in step
+    # (`Engine._join_admissions`). 0 = never wait.
+    join_ms: Annotated[float, Field(ge=0)] = 20.0
     # BlendIn/hybrid: right after a confidence junction (junctions come in runs) the guidance
     # steps in the same round as the base instead of after it, so such a junction costs the
     # slower of the two calls, not their sum (each role has its own worker, and its own GPU

@@ -285,6 +285,88 @@ def test_requests_that_arrive_together_open_and_close_in_one_call_per_worker(wor
     assert workers["base"].live() == 0
 
 
+class SlowOpens(LocalHandle):
+    """Answers its n-th open `delays[n]` seconds late (a long prompt to tokenize, a busy
+    worker) and logs each call as (method, requests in it)."""
+
+    def __init__(self, runner, log: list, delays: list[float]) -> None:
+        super().__init__(runner)
+        self.log, self.delays = log, delays
+
+    def call(self, method: str, *args):
+        answer = super().call(method, *args)
+        self.log.append((method, len(args[0]) if args and isinstance(args[0], list) else 1))
+        return self._late(answer) if method == "open_many" else answer
+
+    async def _late(self, answer):
+        out = await answer
+        await asyncio.sleep(self.delays.pop(0))
+        self.log.append(("open answered", len(out)))
+        return out
+
+
+@pytest.mark.parametrize("join_ms", [2000.0, 0.0])
+def test_requests_sent_a_moment_apart_start_together_and_run_ahead_in_step(workers, join_ms):
+    """Two requests whose opens leave in two calls (HTTP requests read a moment apart), the
+    second answered later: the first tick waits for it (`limits.join_ms`), so both take
+    their first step in one call and every later call carries both. Without the wait the
+    second starts a call late, runs a burst behind, and the batch takes one more call at its
+    end for it alone."""
+    log: list = []
+    reqs = [request("base", max_tokens=10) for _ in range(2)]
+
+    async def main():
+        handle = SlowOpens(workers["base"], log, delays=[0.0, 0.05])
+        engine = Engine({"base": handle}, Limits(join_ms=join_ms))
+        await engine.start()
+        try:
+            first = asyncio.ensure_future(engine.generate(reqs[0]))
+            await asyncio.sleep(0)  # it asks for its open
+            await asyncio.sleep(0)  # the open leaves, alone
+            second = asyncio.ensure_future(engine.generate(reqs[1]))
+            return [await first, await second]
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    opens = [n for method, n in log if method == "open_many"]
+    steps = [n for method, n in log if method == "step"]
+    assert opens == [1, 1]
+    if join_ms:
+        assert steps == [2, 2]  # a first step each, then nine more each (run-ahead 8)
+    else:
+        assert steps[0] == 1 and len(steps) > 2
+    alone = [run({"base": workers["base"]}, request("base", max_tokens=10))[0].text] * 2
+    assert [r.text for r in results] == alone
+    assert workers["base"].live() == 0
+
+
+def test_a_running_batch_does_not_wait_for_a_request_being_opened(workers):
+    """Only a tick that takes first steps waits for opens: a request already decoding goes
+    on while a newcomer's open is slow, and the newcomer joins at the next call."""
+    log: list = []
+
+    async def main():
+        handle = SlowOpens(workers["base"], log, delays=[0.0, 0.3])
+        engine = Engine({"base": handle}, Limits(join_ms=2000, run_ahead=0))
+        await engine.start()
+        try:
+            running = await engine.submit(request("base", max_tokens=60))
+            events = engine.stream(running)
+            await anext(events)  # it has taken its first step
+            newcomer = asyncio.ensure_future(engine.generate(request("base", max_tokens=4)))
+            rest = [item async for item in events]
+            return rest[-1], await newcomer
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    assert [r.finish_reason for r in results] == ["length", "length"]
+    sent = [n for n, call in enumerate(log) if call == ("open_many", 1)][1]  # the newcomer's
+    answered = log.index(("open answered", 1), sent)
+    assert [m for m, _ in log[sent:answered]].count("step") >= 5
+
+
 def test_a_request_cancelled_while_it_opens_leaves_nothing_on_its_worker(workers):
     """A client that disconnects during admission: its open, already sent with others, is
     answered for nobody, and the engine closes it again."""
