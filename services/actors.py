@@ -27,6 +27,7 @@ import torch
 
 from services.factory import build_runner
 from services.handles import RayHandle
+from services.wire import pack_results, unpack_requests
 from shared.config import JunctionConfig, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class _Worker:
         return self.runner.live()
 
     def step(self, reqs: list) -> list:
-        return self.runner.step(reqs)
+        return pack_results(self.runner.step(unpack_requests(reqs)))  # plain tuples both ways
 
     def write_words(self, reqs: list) -> list:
         return self.runner.write_words(reqs)
