@@ -420,6 +420,26 @@ def served_cpu_seconds(gateway_pid: int) -> dict[str, float]:
     return parts
 
 
+class TimedRunner:
+    """A runner whose calls count the seconds they take (on the runner's own thread): what
+    the workers cost a tick in process, apart from the loop's own work."""
+
+    def __init__(self, runner: LMRunner) -> None:
+        self.runner, self.seconds = runner, 0.0
+
+    def __getattr__(self, name: str) -> Callable:
+        method = getattr(self.runner, name)
+
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
 def overhead_suite(runs: int, tokens: int) -> list[dict]:
     """Issue 10: ms per tick of the loop itself; each repetition interleaves every side."""
     import tempfile
@@ -430,13 +450,14 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="junction-overhead-"))
     base_path, guidance_path = tiny_models(workdir)
-    runners = {
-        "base": LocalHandle(LMRunner(load_model("base", tiny_spec(base_path), progress=False),
+    timed = {
+        "base": TimedRunner(LMRunner(load_model("base", tiny_spec(base_path), progress=False),
                                      "base", chat=False)),
-        "guidance": LocalHandle(LMRunner(
+        "guidance": TimedRunner(LMRunner(
             load_model("guidance", tiny_spec(guidance_path), progress=False),
             "guidance", chat=True)),
     }
+    runners = {role: LocalHandle(runner) for role, runner in timed.items()}
     gateway = Gateway(workdir, tiny_config(base_path, guidance_path))
     sides = [(p, n) for p in ("base", "blendin") for n in OVERHEAD_STREAMS]
     times: dict[tuple[str, int], list[float]] = {key: [] for key in sides}
@@ -447,15 +468,23 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
         (part, n): [] for part in ("in process", *CPU_PARTS) for n in OVERHEAD_STREAMS
     }
 
+    # In process, the ms per tick the workers' calls took (both roles), the rest being the
+    # loop's own work: for `blendin` the floor under its tick while the two models' calls
+    # run one after the other (in-process runners share one interpreter lock).
+    workers_ms: dict[tuple[str, int], list[float]] = {key: [] for key in sides}
+
     async def in_process(policy: str, streams: int) -> float:
         engine = Engine(runners, Limits(max_concurrency=64))
         await engine.start()
+        for runner in timed.values():
+            runner.seconds = 0.0
         try:
             ms, ticks, seconds = await engine_run(engine, streams, tokens, policy)
         finally:
             await engine.close()
         if policy == "base":
             cpu["in process", streams].append(1000 * seconds / ticks)
+        workers_ms[policy, streams].append(1000 * sum(r.seconds for r in timed.values()) / ticks)
         return ms / ticks
 
     def served(streams: int) -> float:
@@ -472,7 +501,7 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
             asyncio.run(in_process(policy, streams))
         for streams in OVERHEAD_STREAMS:
             asyncio.run(serve_ms_per_tick(gateway.url, streams, tokens))
-        for values in cpu.values():
+        for values in (*cpu.values(), *workers_ms.values()):
             values.clear()
         for i in range(runs):
             for policy, streams in sides:
@@ -487,6 +516,8 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
              "serve": "serve+Ray, base"}
     rows = [summarize(f"overhead: {names[p]}, {n} streams, ms/tick", t)
             for (p, n), t in times.items()]
+    rows += [summarize(f"overhead: {names[p]}, {n} streams, the workers' calls, ms/tick", t)
+             for (p, n), t in workers_ms.items()]
     for n in OVERHEAD_STREAMS:
         served_total = [sum(parts) for parts in zip(*(cpu[p, n] for p in CPU_PARTS), strict=True)]
         label = f"overhead: CPU ms/tick, base, {n} streams"
@@ -505,6 +536,11 @@ def overhead_suite(runs: int, tokens: int) -> list[dict]:
     return rows + [
         summarize("overhead: blendin ÷ base, 16 streams, in process (goal ≤ 2)",
                   ratio(("blendin", 16), ("base", 16))),
+        # The floor under that ratio in process: blendin's two workers' calls alone (no
+        # junction test, blend or commit) ÷ the whole base tick.
+        summarize("overhead: blendin's workers' calls alone ÷ base tick, 16 streams",
+                  [w / t for w, t in zip(workers_ms["blendin", 16], times["base", 16],
+                                         strict=True)]),
         summarize("overhead: serve+Ray ÷ in process, base, 1 stream (goal ≤ 1.5)",
                   ratio(("serve", 1), ("base", 1))),
         summarize("overhead: serve+Ray ÷ in process, base, 16 streams (goal ≤ 1.3)",
