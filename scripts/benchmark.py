@@ -13,7 +13,8 @@ Suites (each prints ratios, mean, min–max and median over the runs, measured i
          16 streams, and `junction serve` + Ray + SSE clients for `base`; prints the ratios
          of issue 10's goals (`--tokens` is the request length; 64 in BENCHMARKS.md) and
          the CPU each part of the served path takes per tick (gateway, base actor, the rest
-         of Ray, the SSE clients) against the in-process loop's.
+         of Ray, the SSE clients) against the in-process loop's; in process, what the
+         workers' calls alone take per tick, and so the floor under `blendin` ÷ `base`.
   overlap  served `blendin` on the same tiny models with the guidance's step overlapped
          with the base's (the default) ÷ one after the other (`limits.overlap_guidance`).
 """

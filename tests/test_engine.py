@@ -316,7 +316,7 @@ def test_requests_sent_a_moment_apart_start_together_and_run_ahead_in_step(worke
     reqs = [request("base", max_tokens=10) for _ in range(2)]
 
     async def main():
-        handle = SlowOpens(workers["base"], log, delays=[0.0, 0.05])
+        handle = SlowOpens(workers["base"], log, delays=[0.0, 0.3])
         engine = Engine({"base": handle}, Limits(join_ms=join_ms))
         await engine.start()
         try:
