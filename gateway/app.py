@@ -168,18 +168,23 @@ def build(body: GenerateBody | CompletionBody | ChatCompletionBody, cap: int) ->
 
 
 async def admit(engine: Engine, reqs: list[GenerationRequest]) -> list[Sequence]:
-    """Submit requests (the n choices of one body), turning refusals into HTTP errors.
+    """Submit requests (the n choices of one body) together, turning refusals into HTTP
+    errors.
 
-    All or none: when one is refused, the ones already admitted are cancelled.
+    Together: their opens leave in one call, and they take their first step in one tick
+    (`Engine._join_admissions`). Submitted one after another, each started a call later.
+    All or none: when one is refused, the others are cancelled, admitted or not.
     """
-    seqs: list[Sequence] = []
+    submits = [asyncio.ensure_future(engine.submit(req)) for req in reqs]
     try:
-        for req in reqs:
-            seqs.append(await engine.submit(req))
-        return seqs
+        await asyncio.gather(*submits)
+        return [submit.result() for submit in submits]
     except BaseException as exc:
-        for seq in seqs:
-            engine.cancel(seq)
+        for submit in submits:
+            if not submit.done():
+                submit.cancel()  # an open answered for nobody is closed again (`Engine`)
+            elif not submit.cancelled() and submit.exception() is None:
+                engine.cancel(submit.result())
         if isinstance(exc, EngineOverloaded):
             retry = {"Retry-After": str(exc.retry_after)}
             raise ApiError(429, str(exc), headers=retry) from exc

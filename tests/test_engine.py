@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+from gateway.app import admit
 from gateway.engine import Engine, EngineOverloaded, NullObserver
 from gateway.sequence import GenerationRequest, Sequence
 from gateway.stopping import Stopping
@@ -339,6 +340,29 @@ def test_requests_sent_a_moment_apart_start_together_and_run_ahead_in_step(worke
     alone = [run({"base": workers["base"]}, request("base", max_tokens=10))[0].text] * 2
     assert [r.text for r in results] == alone
     assert workers["base"].live() == 0
+
+
+def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
+    """`admit` submits a body's copies together: one open for all, one first step for all
+    (one after another, each opened alone and started a call later)."""
+    log: list = []
+
+    async def main():
+        engine = Engine({"base": SlowOpens(workers["base"], log, delays=[0.0])}, Limits())
+        await engine.start()
+        try:
+            seqs = await admit(engine, [request("base", max_tokens=10) for _ in range(3)])
+            results = []
+            for seq in seqs:
+                results.append([item async for item in engine.stream(seq)][-1])
+            return results
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    assert [r.finish_reason for r in results] == ["length"] * 3
+    assert [n for method, n in log if method == "open_many"] == [3]
+    assert [n for method, n in log if method == "step"] == [3, 3]
 
 
 def test_a_running_batch_does_not_wait_for_a_request_being_opened(workers):
