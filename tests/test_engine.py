@@ -49,6 +49,14 @@ async def started(workers, limits: Limits | None = None, parallel: bool = False)
         await engine.close()
 
 
+async def final_items(engine: Engine, seqs: list[Sequence]) -> list:
+    """Each request's stream read to its end: its last item (the result)."""
+    results = []
+    for seq in seqs:
+        results.append([item async for item in engine.stream(seq)][-1])
+    return results
+
+
 def run(
     workers, *reqs: GenerationRequest, limits: Limits | None = None, parallel: bool = False
 ) -> list[GenerationResult]:
@@ -273,10 +281,7 @@ def test_requests_that_arrive_together_open_and_close_in_one_call_per_worker(wor
             seqs = await asyncio.gather(*(engine.submit(r) for r in reqs))  # one turn
             for seq in seqs:  # in one go: the next reap finds all four
                 engine.cancel(seq)
-            results = []
-            for seq in seqs:
-                results.append([item async for item in engine.stream(seq)][-1])
-            return results
+            return await final_items(engine, seqs)
         finally:
             await engine.close()
 
@@ -352,10 +357,7 @@ def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
         await engine.start()
         try:
             seqs = await admit(engine, [request("base", max_tokens=10) for _ in range(3)])
-            results = []
-            for seq in seqs:
-                results.append([item async for item in engine.stream(seq)][-1])
-            return results
+            return await final_items(engine, seqs)
         finally:
             await engine.close()
 
