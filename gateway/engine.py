@@ -375,9 +375,9 @@ class Engine:
         HTTP requests sent at once reach the engine a few ms apart, and their opens leave in
         two or three calls. Without the wait, the first tick started with the first ones; the
         others took their first step in the next call, while the first ones ran ahead, and
-        stayed a burst behind: at the end the batch took one more call for them alone (timed,
-        served `base`, 16 streams of 64 tokens: ~1 run in 2, ~20% of its wall time). A running
-        batch does not wait: a request that arrives then takes its first step at its next call.
+        stayed a burst behind: at the end the batch took one more call for them alone
+        (BENCHMARKS.md, "Requests that start together"). A running batch does not wait: a
+        request that arrives then takes its first step at its next call.
         """
         if not self._admitting or self.limits.join_ms == 0:
             return
@@ -764,11 +764,10 @@ class Engine:
         done = [s for s in self._active() if s.cancelled or s.status is Status.FINISHED]
         if not done:
             return
+        held: defaultdict[str, list[str]] = defaultdict(list)
         for seq in done:
             seq.finish("cancelled")  # no-op when it already finished
             self._closing.add(seq.id)
-        held: defaultdict[str, list[str]] = defaultdict(list)
-        for seq in done:
             for role in seq.req.roles:
                 held[role].append(seq.id)
         closes = [self._send(role, "close_many", ids) for role, ids in held.items()]

@@ -5,9 +5,9 @@ the pickler looks the class up in a dispatch table (a Python `ChainMap` that rai
 `KeyError` before it answers "none") and then runs the dataclass's `__getstate__` or
 `__setstate__`, both Python functions: a few µs an object. A 16-request step call that ran
 ahead nine steps answers with ~300 such objects (a `StepResult` and its `Candidates` per
-step). Timed on that reply (`BENCHMARKS.md`): 0.76 ms to pickle and 0.40 ms to unpickle as
-objects, 0.08 and 0.15 ms as tuples, plus 0.1 ms to convert both ways; the actor and the
-gateway each pay their half on every call, while the other waits.
+step), and the actor and the gateway each pay their half on every call, while the other
+waits. `python scripts/ray_calls.py --streams 16 --ahead 9` times that reply's round trip
+both ways (BENCHMARKS.md: about half as long as tuples).
 
 In process the objects pass as they are: only `RayHandle` and the actors use this module.
 Each function lists every field of its class; `tests/test_wire.py` fails when a field is
