@@ -323,7 +323,7 @@ def test_requests_sent_a_moment_apart_start_together_and_run_ahead_in_step(worke
 
     async def main():
         handle = SlowOpens(workers["base"], log, delays=[0.0, 0.3])
-        engine = Engine({"base": handle}, Limits(join_ms=join_ms))
+        engine = Engine({"base": handle}, Limits(join_ms=join_ms, run_ahead_ms=60_000))
         await engine.start()
         try:
             first = asyncio.ensure_future(engine.generate(reqs[0]))
@@ -353,7 +353,10 @@ def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
     log: list = []
 
     async def main():
-        engine = Engine({"base": SlowOpens(workers["base"], log, delays=[0.0])}, Limits())
+        # run-ahead stops starting steps after `run_ahead_ms`; on a loaded machine the
+        # default can split the burst, which is not what this test is about
+        limits = Limits(run_ahead_ms=60_000)
+        engine = Engine({"base": SlowOpens(workers["base"], log, delays=[0.0])}, limits)
         await engine.start()
         try:
             seqs = await admit(engine, [request("base", max_tokens=10) for _ in range(3)])
@@ -364,7 +367,8 @@ def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
     results = asyncio.run(main())
     assert [r.finish_reason for r in results] == ["length"] * 3
     assert [n for method, n in log if method == "open_many"] == [3]
-    assert [n for method, n in log if method == "step"] == [3, 3]
+    steps = [n for method, n in log if method == "step"]
+    assert steps and set(steps) == {3}, steps  # every call carries all three
 
 
 def test_a_running_batch_does_not_wait_for_a_request_being_opened(workers):
