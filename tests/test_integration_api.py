@@ -26,7 +26,10 @@ PROMPT = "The three most important things to know about the ocean are"
 
 @pytest.fixture(scope="module")
 def config() -> JunctionConfig:
-    return JunctionConfig(limits=Limits(max_tokens=64, max_concurrency=4))
+    # A killed actor restarts by reloading its embedded model: on a loaded two-core machine
+    # that took over the default 60 s, and the request was failed rather than replayed.
+    limits = Limits(max_tokens=64, max_concurrency=4, recovery_seconds=600)
+    return JunctionConfig(limits=limits)
 
 
 @pytest.fixture(scope="module")
