@@ -367,8 +367,7 @@ def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
     results = asyncio.run(main())
     assert [r.finish_reason for r in results] == ["length"] * 3
     assert [n for method, n in log if method == "open_many"] == [3]
-    steps = [n for method, n in log if method == "step"]
-    assert steps and set(steps) == {3}, steps  # every call carries all three
+    assert [n for method, n in log if method == "step"] == [3, 3]  # a first step, then 9
 
 
 def test_a_running_batch_does_not_wait_for_a_request_being_opened(workers):
