@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 import torch
@@ -47,6 +48,12 @@ async def started(workers, limits: Limits | None = None, parallel: bool = False)
         yield engine
     finally:
         await engine.close()
+
+
+def tokens_only(**limits: Any) -> Limits:
+    """Run-ahead bursts bounded by tokens alone, so their calls can be counted: not by
+    `run_ahead_ms` too, which a loaded machine reaches sooner and splits a burst."""
+    return Limits(**limits, run_ahead_ms=60_000.0)
 
 
 async def final_items(engine: Engine, seqs: list[Sequence]) -> list:
@@ -323,7 +330,7 @@ def test_requests_sent_a_moment_apart_start_together_and_run_ahead_in_step(worke
 
     async def main():
         handle = SlowOpens(workers["base"], log, delays=[0.0, 0.3])
-        engine = Engine({"base": handle}, Limits(join_ms=join_ms, run_ahead_ms=60_000))
+        engine = Engine({"base": handle}, tokens_only(join_ms=join_ms))
         await engine.start()
         try:
             first = asyncio.ensure_future(engine.generate(reqs[0]))
@@ -353,10 +360,7 @@ def test_the_n_choices_of_one_body_open_in_one_call_and_start_together(workers):
     log: list = []
 
     async def main():
-        # run-ahead stops starting steps after `run_ahead_ms`; on a loaded machine the
-        # default can split the burst, which is not what this test is about
-        limits = Limits(run_ahead_ms=60_000)
-        engine = Engine({"base": SlowOpens(workers["base"], log, delays=[0.0])}, limits)
+        engine = Engine({"base": SlowOpens(workers["base"], log, delays=[0.0])}, tokens_only())
         await engine.start()
         try:
             seqs = await admit(engine, [request("base", max_tokens=10) for _ in range(3)])

@@ -23,16 +23,11 @@ from shared.types import (
     TokenEvent,
 )
 from tests import test_engine
-from tests.test_engine import request, run, started
+from tests.test_engine import request, run, started, tokens_only
 
 workers = test_engine.workers  # the same fixture: a tiny Gemma base, a tiny Llama guidance
 
 STEP_BY_STEP = Limits(run_ahead=0)
-
-
-def tokens_only(run_ahead: int) -> Limits:
-    """Bursts bounded by tokens alone (not by `run_ahead_ms`), so they can be counted."""
-    return Limits(run_ahead=run_ahead, run_ahead_ms=60_000.0)
 
 
 class CountingRunner(LMRunner):
@@ -133,7 +128,7 @@ def test_seeded_requests_are_the_same_run_ahead_or_step_by_step(workers, run_ahe
 
 def test_run_ahead_takes_one_call_per_burst(workers):
     workers = counting(workers)
-    (result,) = run(workers, request("base", max_tokens=16), limits=tokens_only(7))
+    (result,) = run(workers, request("base", max_tokens=16), limits=tokens_only(run_ahead=7))
     assert workers["base"].calls == 3  # the first token alone (time to first token), 8, 7
     (alone,) = run(workers, request("base", max_tokens=16), limits=STEP_BY_STEP)
     assert workers["base"].calls == 3 + 16
@@ -142,7 +137,7 @@ def test_run_ahead_takes_one_call_per_burst(workers):
 
 def test_max_tokens_is_never_passed_and_nothing_past_it_is_decoded(workers):
     workers = counting(workers)
-    (result,) = run(workers, request("base", max_tokens=10), limits=tokens_only(4))
+    (result,) = run(workers, request("base", max_tokens=10), limits=tokens_only(run_ahead=4))
     prompt = workers["base"].count_prompt("the cat sat on")
     assert (result.finish_reason, result.completion_tokens, result.steps) == ("length", 10, 10)
     assert workers["base"].calls == 3  # 1 + 5 + 4
@@ -173,7 +168,7 @@ def test_a_stop_string_inside_a_burst_drops_the_rest_and_frees_the_runner(worker
 
 def test_cancel_mid_burst_drops_the_burst_in_flight_and_frees_the_caches(workers):
     async def main():
-        async with started(workers, tokens_only(4)) as engine:
+        async with started(workers, tokens_only(run_ahead=4)) as engine:
             seq = await engine.submit(request("base", max_tokens=200))
             items = []
             async for item in engine.stream(seq):
