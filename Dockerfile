@@ -45,6 +45,7 @@ RUN pip install "ray[default,client]==${RAY_VERSION}"
 
 WORKDIR /opt/junction
 COPY pyproject.toml ./
+COPY junction ./junction
 COPY gateway ./gateway
 COPY services ./services
 COPY shared ./shared

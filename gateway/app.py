@@ -15,12 +15,11 @@ too many live requests: 429 with Retry-After; not ready yet: 503. Before any rou
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,27 +30,39 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.best_of import ValueScorer, best_of_n, seeded_copies
-from gateway.engine import Engine, EngineOverloaded, WorkerDown
-from gateway.errors import (
+from junction.gateway.best_of import seeded_copies
+from junction.gateway.engine import Engine
+from junction.gateway.errors import (
     ApiError,
     api_error,
-    bad_request,
-    error_body,
     http_error,
     server_error,
     validation_error,
 )
-from gateway.guard import Guard, api_keys
-from gateway.local import local_handles
-from gateway.metrics import Metrics
-from gateway.openai_api import Reply, merged, sse, stream_events
-from gateway.schemas import ChatCompletionBody, CompletionBody, GenerateBody, OpenAIBody
-from gateway.sequence import GenerationRequest, Sequence
-from services.actors import WorkerUnavailable, configured_roles, shutdown_workers, start_workers
-from services.handles import Handle
-from shared.config import POLICIES, JunctionConfig, PolicyConfig
-from shared.types import GenerationResult, StepLogprobs, TokenEvent
+from junction.gateway.guard import Guard, api_keys
+from junction.gateway.local import local_handles
+from junction.gateway.metrics import Metrics
+from junction.gateway.openai_api import Reply, merged, stream_events
+from junction.gateway.schemas import ChatCompletionBody, CompletionBody, GenerateBody
+from junction.gateway.sequence import GenerationRequest
+from junction.gateway.serving import (
+    admit,
+    best_of_requested,
+    best_result,
+    build,
+    cancel_when_closed,
+    check_openai,
+    native_events,
+    results_of,
+)
+from junction.services.actors import (
+    configured_roles,
+    shutdown_workers,
+    start_workers,
+)
+from junction.services.handles import Handle
+from junction.services.protocol import Worker
+from junction.shared.config import POLICIES, JunctionConfig, PolicyConfig
 
 SERVICE_MODEL = "junction"  # the model name every OpenAI route accepts, besides the base's
 
@@ -158,166 +169,6 @@ class Gateway:
         return model
 
 
-# --------------------------------------------------------------------- request helpers
-def build(body: GenerateBody | CompletionBody | ChatCompletionBody, cap: int) -> GenerationRequest:
-    """A body's engine request; every refusal is a 400 naming the field, before any work."""
-    try:
-        return body.generation_request(cap)
-    except ValueError as exc:
-        raise bad_request(exc) from exc
-
-
-async def admit(engine: Engine, reqs: list[GenerationRequest]) -> list[Sequence]:
-    """Submit requests (the n choices of one body) together, turning refusals into HTTP
-    errors.
-
-    Together: their opens leave in one call, and they take their first step in one tick
-    (`Engine._join_admissions`). Submitted one after another, each started a call later.
-    All or none: when one is refused, the others are cancelled, admitted or not.
-    """
-    submits = [asyncio.ensure_future(engine.submit(req)) for req in reqs]
-    try:
-        await asyncio.gather(*submits)
-        return [submit.result() for submit in submits]
-    except BaseException as exc:
-        for submit in submits:
-            if not submit.done():
-                submit.cancel()  # an open answered for nobody is closed again (`Engine`)
-            elif not submit.cancelled() and submit.exception() is None:
-                engine.cancel(submit.result())
-        if isinstance(exc, EngineOverloaded):
-            retry = {"Retry-After": str(exc.retry_after)}
-            raise ApiError(429, str(exc), headers=retry) from exc
-        if isinstance(exc, WorkerDown):  # a new worker is starting in place of a dead one
-            raise ApiError(503, str(exc), kind="unavailable",
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
-        if isinstance(exc, WorkerUnavailable):  # an actor is restarting after its process died
-            raise ApiError(503, "a worker is unavailable; retry later",
-                           headers={"Retry-After": "5"}) from exc
-        if isinstance(exc, ValueError):
-            raise bad_request(exc) from exc
-        raise
-
-
-async def _cancel_on_disconnect(request: Request, engine: Engine, seqs: list[Sequence]) -> None:
-    # The body has been read, so the next message is the client going away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    for seq in seqs:
-        engine.cancel(seq)
-
-
-async def _collect(engine: Engine, seq: Sequence) -> tuple[GenerationResult, list[StepLogprobs]]:
-    steps = []
-    async for item in engine.stream(seq):
-        if isinstance(item, TokenEvent):
-            if item.logprobs is not None:
-                steps.append(item.logprobs)
-            continue
-        if item.finish_reason == "error":
-            raise ApiError(500, seq.error or "generation failed", kind="server_error")
-        return item, steps
-    raise RuntimeError("stream ended without a result")
-
-
-async def results_of(
-    request: Request, engine: Engine, seqs: list[Sequence]
-) -> list[tuple[GenerationResult, list[StepLogprobs]]]:
-    """Wait for requests' results (and logprobs); a client that goes away cancels them."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, seqs))
-    try:
-        return list(await asyncio.gather(*(_collect(engine, s) for s in seqs)))
-    finally:
-        watcher.cancel()
-        for seq in seqs:
-            engine.cancel(seq)
-
-
-async def cancel_when_closed(engine: Engine, seqs: list[Sequence], events: AsyncIterator[dict]):
-    """Pass a stream's events on; when the client disconnects, the requests are cancelled."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        for seq in seqs:
-            engine.cancel(seq)
-
-
-# The native route's token event: every field but logprobs (the native route does not ask).
-TOKEN_EVENT_FIELDS = tuple(f.name for f in fields(TokenEvent) if f.name != "logprobs")
-
-
-async def native_events(engine: Engine, seq: Sequence) -> AsyncIterator[bytes]:
-    """/v1/generate_stream: a `token` event per step, then `summary` (after `error` if any).
-
-    The events of a burst (the steps a run-ahead brought at once) go out as one chunk: each
-    is still its own SSE event, but one write and one read serve them all, where a write per
-    event cost the gateway and the client more than the whole step on a fast model.
-    """
-    async for items in engine.bursts(seq):
-        yield b"".join(_encoded(seq, item) for item in items)
-
-
-def _encoded(seq: Sequence, item: TokenEvent | GenerationResult) -> bytes:
-    if isinstance(item, TokenEvent):
-        # Shallow (every field but logprobs is a plain value): `asdict` recurses into
-        # each value and cost ~80 µs per token event, at every step of every stream.
-        event = {name: getattr(item, name) for name in TOKEN_EVENT_FIELDS}
-        return sse(json.dumps(event, ensure_ascii=False), "token")
-    error = b""
-    if item.finish_reason == "error":
-        body = error_body(seq.error or "generation failed", kind="server_error")
-        error = sse(json.dumps(body), "error")
-    return error + sse(json.dumps(item.to_json(), ensure_ascii=False), "summary")
-
-
-def check_openai(gateway: Gateway, body: OpenAIBody) -> str:
-    """What an OpenAI body asks that no engine request can say; returns the model to name."""
-    model = gateway.check_model(body.model)
-    unsupported = body.unsupported()
-    if unsupported is not None:
-        raise ApiError(400, f"{unsupported}: not supported by Junction", unsupported)
-    max_n = gateway.config.limits.max_n
-    if body.n > max_n:
-        raise ApiError(400, f"n: at most {max_n}", "n")
-    if body.n > 1 and (body.best_of or 1) > 1:
-        raise ApiError(400, "n: with best_of, n must be 1 (the best one is returned)", "n")
-    if (body.best_of or 1) > 1 and body.logprobs_wanted is not None:
-        raise ApiError(400, "logprobs: not with best_of", "logprobs")
-    return model
-
-
-def best_of_requested(body: GenerateBody | OpenAIBody, max_n: int, stream: bool) -> int:
-    """N for Best-of-N (1 = a plain request), checked against the limit."""
-    n = body.best_of or 1
-    if n > max_n:
-        raise ApiError(400, f"best_of: at most {max_n}", "best_of")
-    if n > 1 and stream:
-        raise ApiError(400, "best_of: the best is known only at the end; not with stream",
-                       "best_of")
-    return n
-
-
-async def best_result(engine: Engine, req: GenerationRequest, n: int) -> GenerationResult:
-    """N sampled completions through the engine, the best by the value model."""
-    try:
-        best, _ = await best_of_n(engine, req, n, ValueScorer())
-    except EngineOverloaded as exc:
-        retry = {"Retry-After": str(exc.retry_after)}
-        raise ApiError(429, str(exc), headers=retry) from exc
-    except WorkerDown as exc:
-        retry = {"Retry-After": str(exc.retry_after)}
-        raise ApiError(503, str(exc), kind="unavailable", headers=retry) from exc
-    except ValueError as exc:
-        message = str(exc)
-        if message.startswith("best-of-N by value") or message.startswith("n:"):
-            raise ApiError(400, f"best_of: {message.removeprefix('n: ')}", "best_of") from exc
-        raise bad_request(exc) from exc
-    if best.finish_reason == "error":
-        raise ApiError(500, "every best-of-N completion failed", kind="server_error")
-    return best
-
-
 # --------------------------------------------------------------------- the app
 def create_app(
     config: JunctionConfig,
@@ -392,7 +243,7 @@ def _operations_routes(app: FastAPI, gateway: Gateway) -> None:
         engine = gateway.ready_engine()
         roles = [r for r in gateway.workers if r not in engine.down]
         counts = await asyncio.gather(
-            *(gateway.workers[r].call("live") for r in roles), return_exceptions=True
+            *(gateway.workers[r].call(Worker.live) for r in roles), return_exceptions=True
         )
         live = {r: None for r in gateway.workers}  # None: the worker does not answer
         live |= {r: n for r, n in zip(roles, counts, strict=True) if isinstance(n, int)}
@@ -401,7 +252,7 @@ def _operations_routes(app: FastAPI, gateway: Gateway) -> None:
             "policies": gateway.policies(),
             "down": engine.down,
             "limits": asdict(gateway.config.limits),
-            "sia": engine.sia_info(),  # target_ratio: calibrated thresholds or running quantile
+            **engine.info(),  # e.g. "sia": how target_ratio finds its threshold
             "live": {"requests": len(engine.live), "workers": live},
         }
 

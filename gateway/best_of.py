@@ -7,8 +7,8 @@ completion, and returns the best. Scorers:
 - `ValueScorer`: the value model's V at the final token of prompt ⊕ completion, through the
   value worker's own `open`/`score`/`close` (all N completions scored in one call over the
   shared prompt cache; the tokens it processes count as value work);
-- `RewardScorer`: any reward source from `shared.rewards` (a reward model, the reference
-  reward when the prompt has references, the marker reward).
+- `RewardScorer` (offline: `junction.offline.reward_scorer`): any reward source (a reward
+  model, the reference reward when the prompt has references, the marker reward).
 
 The returned result is the best completion's text with the counters (`steps`,
 `interventions`, `by_kind`, `work`) of all N runs added up, plus the scoring's value work.
@@ -25,11 +25,11 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from gateway.engine import Engine, EngineOverloaded
-from gateway.sequence import GenerationRequest
-from shared.rewards import References, RewardSource
-from shared.steering import best_of
-from shared.types import Commit, GenerationResult, ScoreRequest
+from junction.gateway.engine import Engine, EngineOverloaded
+from junction.gateway.sequence import GenerationRequest
+from junction.services.protocol import Worker
+from junction.shared.steering import best_of
+from junction.shared.types import Commit, GenerationResult, ScoreRequest
 
 
 async def generate_many(
@@ -89,40 +89,14 @@ class ValueScorer:
         self.check(engine)
         value = engine.workers["value"]
         seq_id = f"best-of-{uuid.uuid4().hex}"
-        await value.call("open", seq_id, req.prompt, req.messages)
+        await value.call(Worker.open, seq_id, req.prompt, req.messages)
         try:
             # Text commits: the value worker encodes each completion with its own tokenizer.
             candidates = [Commit(r.text) for r in results]
-            [scored] = await value.call("score", [ScoreRequest(seq_id, candidates)])
+            [scored] = await value.call(Worker.score, [ScoreRequest(seq_id, candidates)])
         finally:
-            await value.call("close", seq_id)
+            await value.call(Worker.close, seq_id)
         return list(scored.values), scored.processed
-
-
-class RewardScorer:
-    """A reward source's score of (prompt, completion, references)."""
-
-    def __init__(self, source: RewardSource, refs: References | None = None) -> None:
-        self.source = source
-        self.refs = refs
-
-    def check(self, engine: Engine) -> None:
-        return None  # a reward source needs no worker
-
-    async def score(
-        self, engine: Engine, req: GenerationRequest, results: Sequence[GenerationResult]
-    ) -> tuple[list[float], int]:
-        prompt = req.prompt if req.prompt is not None else _last_user_text(req.messages or [])
-
-        def run() -> list[float]:
-            return [self.source.score(prompt, r.text, self.refs) for r in results]
-
-        return await asyncio.to_thread(run), 0
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def samples_of(req: GenerationRequest, n: int) -> list[GenerationRequest]:

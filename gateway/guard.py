@@ -1,7 +1,7 @@
 """What every HTTP request passes before a route sees it: Host allow-list, API keys, body size.
 
 One plain ASGI middleware (so streamed responses pass untouched), answering in the one error
-shape of `gateway.errors`:
+shape of `junction.gateway.errors`:
 
 - **Host**: with `server.allowed_hosts` other than `["*"]`, a request whose Host header is not
   listed gets 400 (a DNS-rebinding page cannot reach a server bound to localhost). Patterns
@@ -22,8 +22,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ApiError, error_response
-from shared.config import ServerConfig
+from junction.gateway.errors import ApiError, error_response
+from junction.shared.config import ServerConfig
 
 KEYS_ENV = "JUNCTION_API_KEYS"
 ALWAYS_OPEN = frozenset({"/health", "/ready"})  # probes carry no credentials

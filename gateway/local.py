@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.engine import Engine
-from services.factory import build_runner, check_sources
-from services.handles import Handle, LocalHandle
-from shared.config import JunctionConfig
+from junction.gateway.engine import Engine
+from junction.services.factory import build_runner, check_sources
+from junction.services.handles import Handle, LocalHandle
+from junction.shared.config import JunctionConfig
 
 
 def local_handles(

@@ -28,11 +28,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-from shared.config import POLICIES
-from shared.types import GenerationResult, TokenEvent
+from junction.shared.config import POLICIES
+from junction.shared.types import GenerationResult, TokenEvent
 
 if TYPE_CHECKING:
-    from gateway.sequence import Sequence
+    from junction.gateway.sequence import Sequence
 
 KINDS: tuple[str, ...] = ("value", "guidance")
 ROLES: tuple[str, ...] = ("base", "value", "guidance")

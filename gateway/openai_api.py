@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from sse_starlette import ServerSentEvent
 
-from gateway.best_of import combined
-from gateway.errors import error_body
-from gateway.sequence import Sequence as Live
-from shared.types import EOS_TEXT, GenerationResult, StepLogprobs, TokenEvent
+from junction.gateway.best_of import combined
+from junction.gateway.errors import error_body
+from junction.gateway.sequence import Sequence as Live
+from junction.shared.types import EOS_TEXT, GenerationResult, StepLogprobs, TokenEvent
 
 DONE = "[DONE]"
 Item = TokenEvent | GenerationResult

@@ -3,12 +3,14 @@ driver's log-probabilities for it. Small pure helpers of the decode loop (`gatew
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.sequence import Sequence
-from shared.prompts import base_prompt_text
-from shared.steering import answer_start
-from shared.types import EOS_TEXT, LOGPROB_FLOOR, Commit, StepLogprobs, StepResult
+from junction.shared.prompts import base_prompt_text
+from junction.shared.steering import answer_start
+from junction.shared.types import EOS_TEXT, LOGPROB_FLOOR, Commit, StepLogprobs, StepResult
+
+if TYPE_CHECKING:
+    from junction.gateway.sequence import Sequence
 
 
 def step_logprobs(step: StepResult, piece: Commit, eos: bool) -> StepLogprobs:

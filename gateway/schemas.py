@@ -22,8 +22,14 @@ from pydantic import (
     field_validator,
 )
 
-from gateway.sequence import GenerationRequest
-from shared.config import RANGES, PolicyConfig, SamplingParams, SiaDecode, check_temperature
+from junction.gateway.sequence import GenerationRequest
+from junction.shared.config import (
+    RANGES,
+    PolicyConfig,
+    SamplingParams,
+    SiaDecode,
+    check_temperature,
+)
 
 MAX_STOPS = 8
 MAX_STOP_CHARS = 1000

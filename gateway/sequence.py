@@ -7,13 +7,12 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from gateway.stopping import Stopping
-from shared.config import GUIDANCE_POLICIES, VALUE_POLICIES, PolicyConfig, SamplingParams
-from shared.steering import NudgeRounds
-from shared.types import EOS_TEXT, Commit, GenerationResult, TokenEvent
+from junction.gateway.policies import Policy, policy_class
+from junction.gateway.stopping import Stopping
+from junction.shared.config import PolicyConfig, SamplingParams
+from junction.shared.types import EOS_TEXT, Commit, GenerationResult, TokenEvent
 
 
 @dataclass(slots=True)
@@ -29,9 +28,13 @@ class GenerationRequest:
             raise ValueError("prompt: give exactly one of prompt or messages")
 
     @property
+    def policy_class(self) -> type[Policy]:
+        return policy_class(self.policy.policy)
+
+    @property
     def driver(self) -> str:
-        """The role whose tokens form the text: the guidance model for `guidance`, else base."""
-        return "guidance" if self.policy.policy == "guidance" else "base"
+        """The role whose tokens form the text (the base, but for the `guidance` policy)."""
+        return self.policy_class.driver
 
     @property
     def value_temperature(self) -> float:
@@ -41,19 +44,12 @@ class GenerationRequest:
     @property
     def draws(self) -> bool:
         """Does decoding draw random numbers (so an unseeded request needs its own seed)?"""
-        return self.sampling.temperature > 0 or (
-            self.policy.policy in VALUE_POLICIES and self.value_temperature > 0
-        )
+        return self.policy_class.draws(self)
 
     @property
     def roles(self) -> tuple[str, ...]:
-        policy = self.policy.policy
-        roles = [self.driver]
-        if policy in VALUE_POLICIES:
-            roles.append("value")
-        if policy in GUIDANCE_POLICIES and self.driver != "guidance":
-            roles.append("guidance")
-        return tuple(roles)
+        """Every worker the request is opened on; the driver first."""
+        return self.policy_class.roles()
 
 
 class Status(enum.Enum):
@@ -80,8 +76,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     seed: int | None = None  # the request's seed, or the one drawn for it when it samples
-    generator: torch.Generator | None = None  # SIA's choice at temperature T > 0
-    nudges: NudgeRounds = field(default_factory=NudgeRounds)  # Nudging's rounds
+    memory: Any = None  # the policy's own (SIA's random stream, Nudging's rounds)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)  # for time to first token

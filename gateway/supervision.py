@@ -17,9 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from gateway.sequence import Sequence
-from services.handles import Handle
-from shared.types import ModelInfo, one_line
+from junction.gateway.sequence import Sequence
+from junction.services.handles import Handle
+from junction.services.protocol import Worker
+from junction.shared.types import ModelInfo, one_line
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class Supervisor:
                 continue  # a new worker is starting, or the restarting one was just tried
             req = seq.req
             try:
-                await call(role, "close", seq.id)
-                await call(role, "open", seq.id, req.prompt, req.messages, seq.seed)
+                await call(role, Worker.close, seq.id)
+                await call(role, Worker.open, seq.id, req.prompt, req.messages, seq.seed)
             except Exception as exc:  # noqa: BLE001 - still restarting, or gone for good
                 if not self.workers[role].unavailable(exc):
                     seq.finish("error", error=f"{role} worker failed: {one_line(exc)}")
@@ -111,7 +112,7 @@ class Supervisor:
         while True:
             try:
                 await self.workers[role].renew()
-                self.infos[role] = await self.workers[role].call("info")
+                self.infos[role] = await self.workers[role].call(Worker.info)
             except NotImplementedError as exc:  # an in-process worker cannot be replaced
                 self.down[role] = f"{self.down[role]}: {exc}"
                 return

@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.engine import Engine  # noqa: E402
-from gateway.sequence import GenerationRequest  # noqa: E402
-from services.handles import LocalHandle  # noqa: E402
-from services.lm_runner import LMRunner  # noqa: E402
-from shared.config import Limits, ModelSpec, PolicyConfig, SamplingParams  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.prompts import build_prompt_ids  # noqa: E402
+from junction.gateway.engine import Engine  # noqa: E402
+from junction.gateway.sequence import GenerationRequest  # noqa: E402
+from junction.services.handles import LocalHandle  # noqa: E402
+from junction.services.lm_runner import LMRunner  # noqa: E402
+from junction.shared.config import Limits, ModelSpec, PolicyConfig, SamplingParams  # noqa: E402
+from junction.shared.models import load_model  # noqa: E402
+from junction.shared.prompts import build_prompt_ids  # noqa: E402
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -194,7 +194,7 @@ class Gateway:
         config.write_text(config_text or "value: null\nlimits: {max_concurrency: 64}\n")
         self.log = open(workdir / "gateway.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port),
+            [sys.executable, "-m", "junction.cli", "serve", "--port", str(self.port),
              "--config", str(config)],
             stdout=self.log, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
@@ -293,7 +293,7 @@ def serve_suite(runs: int, tokens: int) -> list[dict]:
 # ----------------------------------------------------------------------------- sia
 def sia_suite(runs: int, tokens: int) -> list[dict]:
     """SIA at target_ratio 0.2 against dense (a value call at every step), same prompts."""
-    from services.value_runner import ValueRunner
+    from junction.services.value_runner import ValueRunner
 
     runner = LMRunner(load_model("base", ModelSpec()), "base", chat=False)
     value = ValueRunner.from_paths(ModelSpec(), None)  # the shipped default value model

@@ -10,7 +10,7 @@ and string matching needs. Two settings side by side:
   before  the transcript as it was ("...\\nAssistant:") and exact string matching;
   after   the transcript as it is now (`shared.prompts.transcript`: turns a blank line apart,
           ending "Assistant:\\n")
-          and matching by `shared.steering.start_key` at the answer's first step.
+          and matching by `junction.shared.steering.start_key` at the answer's first step.
 
 The two mixed settings are printed too, so each half of the change can be seen on its own.
 """
@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.lm_runner import LMRunner  # noqa: E402
-from shared.config import ModelSpec  # noqa: E402
-from shared.datasets import load_split  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.steering import start_key  # noqa: E402
-from shared.types import StepRequest  # noqa: E402
+from junction.offline.datasets import load_split  # noqa: E402
+from junction.services.lm_runner import LMRunner  # noqa: E402
+from junction.shared.config import ModelSpec  # noqa: E402
+from junction.shared.models import load_model  # noqa: E402
+from junction.shared.steering import start_key  # noqa: E402
+from junction.shared.types import StepRequest  # noqa: E402
 
 
 def old_transcript(messages: list[dict]) -> str:

@@ -39,21 +39,21 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.value_ranking import guidance_gains, spearman  # noqa: E402
-from shared.bridge import vocab_of  # noqa: E402
-from shared.calibration import CALIBRATION_FILE, load_calibration  # noqa: E402
-from shared.config import ModelSpec  # noqa: E402
-from shared.implicit_reward import encode_pair  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.steering import topk_entropy  # noqa: E402
-from shared.training import (  # noqa: E402
+from junction.offline.implicit_reward import encode_pair  # noqa: E402
+from junction.offline.training import (  # noqa: E402
     encode,
     load_trajectories,
     mean_features,
     position_features,
     ridge_head,
 )
-from shared.value_model import HEAD_FILE, load_value_model  # noqa: E402
+from junction.shared.calibration import CALIBRATION_FILE, load_calibration  # noqa: E402
+from junction.shared.config import ModelSpec  # noqa: E402
+from junction.shared.models import load_model  # noqa: E402
+from junction.shared.steering import topk_entropy  # noqa: E402
+from junction.shared.value_model import HEAD_FILE, load_value_model  # noqa: E402
+from junction.shared.vocab import vocab_of  # noqa: E402
+from scripts.value_ranking import guidance_gains, spearman  # noqa: E402
 
 SHIPPED = Path("shared/defaults/value_head")  # the head model, its trajectories
 CPU = torch.device("cpu")

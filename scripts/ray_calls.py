@@ -6,7 +6,7 @@ The actor echoes a reply the size of a base step for `--streams` requests (top-1
 each side makes `--calls` calls from asyncio, one after another, and prints the median and
 the 10th and 90th percentiles (the first 20 calls are warm-up). The measure behind choosing
 run-ahead over Compiled Graphs (`gateway/run_ahead.py`, BENCHMARKS.md). Then a reply alone, the
-way a step call answers: as objects, and as the plain tuples `services.wire` sends
+way a step call answers: as objects, and as the plain tuples `junction.services.wire` sends
 (`--ahead 9`: each request ran ahead eight steps, as `base` does by default).
 """
 
@@ -24,8 +24,8 @@ from ray.dag import InputNode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.wire import pack_results, unpack_results  # noqa: E402
-from shared.types import Candidates, StepResult  # noqa: E402
+from junction.services.wire import pack_results, unpack_results  # noqa: E402
+from junction.shared.types import Candidates, StepResult  # noqa: E402
 
 
 def reply(streams: int, ahead: int = 1, k: int = 10) -> list[StepResult]:
@@ -100,7 +100,7 @@ def main() -> None:
     for actor in (plain, compiled_actor):
         ray.kill(actor)  # their CPUs, for the next one
     # The reply alone, as a step call carries it: its objects, or the tuples of
-    # `services.wire` (packed in the actor, unpacked here, as RayHandle and the actors do).
+    # `junction.services.wire` (packed in the actor, unpacked here, as RayHandle and the actors do).
     answers = Echo.remote(x)
     ray.get(answers.objects.remote())
 

@@ -194,7 +194,7 @@ def memory(plan: Plan, gateway_pid: int | None) -> dict[str, int | None]:
 
 # --------------------------------------------------------------------- the server
 def start_server(port: int, config: str | None, log: Path) -> subprocess.Popen:
-    argv = [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
+    argv = [sys.executable, "-c", "from junction.cli import main; main()", "serve",
             "--host", "127.0.0.1", "--port", str(port)]
     if config:
         argv += ["--config", config]

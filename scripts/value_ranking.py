@@ -38,19 +38,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.bridge import vocab_of  # noqa: E402
-from shared.calibration import load_calibration  # noqa: E402
-from shared.config import ModelSpec  # noqa: E402
-from shared.datasets import load_split  # noqa: E402
-from shared.implicit_reward import (  # noqa: E402
+from junction.offline.datasets import load_split  # noqa: E402
+from junction.offline.implicit_reward import (  # noqa: E402
     ImplicitReward,
     batched_token_logprobs,
     encode_pair,
 )
-from shared.models import load_model  # noqa: E402
-from shared.prompts import build_prompt_ids  # noqa: E402
-from shared.steering import topk_entropy  # noqa: E402
-from shared.value_model import load_value_model  # noqa: E402
+from junction.shared.calibration import load_calibration  # noqa: E402
+from junction.shared.config import ModelSpec  # noqa: E402
+from junction.shared.models import load_model  # noqa: E402
+from junction.shared.prompts import build_prompt_ids  # noqa: E402
+from junction.shared.steering import topk_entropy  # noqa: E402
+from junction.shared.value_model import load_value_model  # noqa: E402
+from junction.shared.vocab import vocab_of  # noqa: E402
 
 
 def ranks(values: list[float]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -25,10 +26,10 @@ import psutil
 import ray
 import torch
 
-from services.factory import build_runner
-from services.handles import RayHandle
-from services.wire import pack_results, unpack_requests
-from shared.config import JunctionConfig, ModelSpec
+from junction.services.factory import build_runner
+from junction.services.handles import RayHandle
+from junction.services.protocol import METHODS, WIRE, Method, Worker, name_of
+from junction.shared.config import JunctionConfig, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ WorkerUnavailable = ray.exceptions.RayActorError
 
 
 class _Worker:
-    """The methods RayHandle calls, forwarded to the runner built for `role`."""
+    """A Ray actor's shell over the runner built for `role`: one forwarding method per
+    method of the worker protocol (added below, from `services.protocol`)."""
 
     role = ""
 
@@ -48,35 +50,23 @@ class _Worker:
         torch.set_num_threads(threads)
         self.runner = build_runner(self.role, config, progress=False)
 
-    def info(self) -> Any:
-        return self.runner.info()
 
-    def open(self, *args: Any) -> int:
-        return self.runner.open(*args)
+def _forwarder(method: Method) -> Callable[..., Any]:
+    """The actor's method for one protocol method, in the wire's form where it has one."""
+    name, wire = name_of(method), WIRE.get(method)
 
-    def open_many(self, opens: list) -> list:
-        return self.runner.open_many(opens)
+    def forward(self: _Worker, *args: Any) -> Any:
+        if wire is None:
+            return getattr(self.runner, name)(*args)
+        [arg] = args
+        return wire.reply(getattr(self.runner, name)(wire.receive(arg)))
 
-    def count_prompt(self, *args: Any) -> int:
-        return self.runner.count_prompt(*args)
+    forward.__name__ = forward.__qualname__ = name
+    return forward
 
-    def close(self, seq_id: str) -> None:
-        self.runner.close(seq_id)
 
-    def close_many(self, seq_ids: list[str]) -> None:
-        self.runner.close_many(seq_ids)
-
-    def live(self) -> int:
-        return self.runner.live()
-
-    def step(self, reqs: list) -> list:
-        return pack_results(self.runner.step(unpack_requests(reqs)))  # plain tuples both ways
-
-    def write_words(self, reqs: list) -> list:
-        return self.runner.write_words(reqs)
-
-    def score(self, reqs: list) -> list:
-        return self.runner.score(reqs)
+for _method in METHODS:
+    setattr(_Worker, name_of(_method), _forwarder(_method))
 
 
 class BaseWorker(_Worker):
@@ -187,7 +177,7 @@ async def start_workers(config: JunctionConfig) -> dict[str, RayHandle]:
         for role in configured_roles(config)
     }
     loaded = await asyncio.gather(
-        *(handle.call("info") for handle in handles.values()), return_exceptions=True
+        *(handle.call(Worker.info) for handle in handles.values()), return_exceptions=True
     )
     failed = {
         role: out

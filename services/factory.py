@@ -7,11 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from services.lm_runner import LMRunner
-from services.value_runner import ValueRunner
-from shared.config import JunctionConfig, ModelSpec
-from shared.models import load_model
-from shared.sources import DEFAULT_VALUE_DIR, check_adapter, check_source
+from junction.services.lm_runner import LMRunner
+from junction.services.value_runner import ValueRunner
+from junction.shared.config import JunctionConfig, ModelSpec
+from junction.shared.models import load_model
+from junction.shared.sources import DEFAULT_VALUE_DIR, check_adapter, check_source
 
 ROLES = ("base", "value", "guidance")
 

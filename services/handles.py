@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from services.wire import pack_requests, unpack_results
+from junction.services.protocol import WIRE, Method, Worker, name_of
 
 
 class WorkerRestarted(Exception):
@@ -21,8 +21,8 @@ class Handle(Protocol):
     # than one after the other (BENCHMARKS.md, "Overlapped guidance").
     parallel: bool
 
-    def call(self, method: str, *args: Any) -> Awaitable[Any]:
-        """Send the call now and return what to await for its answer.
+    def call(self, method: Method, *args: Any) -> Awaitable[Any]:
+        """Send `method` (a `Worker` method) now and return what to await for its answer.
 
         Sent at once, not when first awaited: the engine's next step leaves the moment the
         engine asks for it, before the streams its last commits woke write their events.
@@ -54,9 +54,9 @@ class LocalHandle:
         self.parallel = parallel
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
-    def call(self, method: str, *args: Any) -> Awaitable[Any]:
+    def call(self, method: Method, *args: Any) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._thread, getattr(self.runner, method), *args)
+        return loop.run_in_executor(self._thread, getattr(self.runner, name_of(method)), *args)
 
     def unavailable(self, exc: BaseException) -> bool:
         return isinstance(exc, WorkerRestarted)
@@ -77,10 +77,13 @@ class RayHandle:
         self.actor = actor
         self._spawn = spawn
 
-    def call(self, method: str, *args: Any) -> Awaitable[Any]:
-        if method == "step":  # the hot call: plain tuples over the wire (`services.wire`)
-            return _unpacked(self.actor.step.remote(pack_requests(*args)))
-        return getattr(self.actor, method).remote(*args)  # an ObjectRef: awaitable
+    def call(self, method: Method, *args: Any) -> Awaitable[Any]:
+        remote = getattr(self.actor, name_of(method)).remote
+        wire = WIRE.get(method)
+        if wire is None:
+            return remote(*args)  # an ObjectRef: awaitable
+        [arg] = args
+        return _answered(remote(wire.send(arg)), wire.answer)
 
     def unavailable(self, exc: BaseException) -> bool:
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -102,8 +105,8 @@ class RayHandle:
         with contextlib.suppress(Exception):  # whatever is left of it: never two at once
             ray.kill(self.actor, no_restart=True)
         self.actor = self._spawn()
-        await self.call("info")  # returns once the new actor has loaded its model
+        await self.call(Worker.info)  # returns once the new actor has loaded its model
 
 
-async def _unpacked(answer: Awaitable[list]) -> list:
-    return unpack_results(await answer)
+async def _answered(answer: Awaitable[Any], unpack: Callable[[Any], Any]) -> Any:
+    return unpack(await answer)

@@ -2,33 +2,23 @@
 
 The base and guidance workers are this runner with different models and prompt styles. A
 step returns, per sequence, only a compact top-k summary; full-vocabulary logits stay here.
-
-Batching: sequences that each add the same number of tokens (one, for a model's own
-tokens) are stepped as one right-aligned batch (see `services.kv`). While the same sequences
-keep stepping together, the batched cache is reused as is (no copies beyond the model's own);
-when membership changes, rows are sliced out as views and the new set is stacked once.
-Sequences that add another count of tokens (text another model wrote) run on their own, and
-new prompts in one left-padded prefill, so a forward never pays for padding inside a row.
+How pending tokens are batched through the model is `services.batch` (the runner's base).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
-from services.kv import checkpoint, rollback, slice_row, stack_rows
-from services.many import OpensAndCloses
-from shared.bridge import TokenText
-from shared.models import LoadedModel
-from shared.prompts import build_prompt_ids
-from shared.steering import junction_kind, topk_entropy, word_finished
-from shared.types import (
+from junction.services.batch import Batch, BatchedForwards, LMSequence, each, guarded
+from junction.services.protocol import Worker
+from junction.shared.bridge import TokenText
+from junction.shared.models import LoadedModel
+from junction.shared.prompts import build_prompt_ids
+from junction.shared.steering import run_ahead_stops, topk_entropy, word_finished
+from junction.shared.types import (
     EOS_TEXT,
     Candidates,
     Commit,
@@ -38,28 +28,7 @@ from shared.types import (
     StepResult,
     WordRequest,
     WordResult,
-    failure,
 )
-
-T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _Sequence:
-    text: TokenText
-    generator: torch.Generator | None
-    pending: list[int] = field(default_factory=list)  # ids not yet run through the model
-    cache: DynamicCache | None = None  # batch-1 cache while the sequence is outside the batch
-    cached: int = 0  # tokens in the cache
-    logits: torch.Tensor | None = None  # next-token logits after the last forward [vocab]
-
-
-@dataclass(slots=True)
-class _Batch:
-    seq_ids: tuple[str, ...]
-    cache: DynamicCache
-    mask: torch.Tensor  # [rows, columns] 2D attention mask
-    logits: torch.Tensor | None = None  # [rows, vocab] from the last batched forward
 
 
 @dataclass(slots=True)
@@ -96,7 +65,7 @@ class _Word:
     next_text: str = ""  # the first token of the next word, when seen (Nudging's resume rule)
 
 
-class LMRunner(OpensAndCloses):
+class LMRunner(BatchedForwards, Worker):
     def __init__(self, loaded: LoadedModel, role: str, chat: bool) -> None:
         self.loaded = loaded
         self.role = role
@@ -105,8 +74,8 @@ class LMRunner(OpensAndCloses):
         self.tokenizer = loaded.tokenizer
         self.family = loaded.family
         self.device = loaded.device
-        self.seqs: dict[str, _Sequence] = {}
-        self.batch: _Batch | None = None
+        self.seqs: dict[str, LMSequence] = {}
+        self.batch: Batch | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def info(self) -> ModelInfo:
@@ -138,7 +107,7 @@ class LMRunner(OpensAndCloses):
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         text = TokenText(self.tokenizer, self.family, ids, self.loaded.eos_ids)
-        self.seqs[seq_id] = _Sequence(text=text, generator=generator, pending=list(ids))
+        self.seqs[seq_id] = LMSequence(text=text, generator=generator, pending=list(ids))
         return len(ids)
 
     def close(self, seq_id: str) -> None:
@@ -165,7 +134,7 @@ class LMRunner(OpensAndCloses):
         def apply(seq_id: str) -> None:
             processed[seq_id] = self._apply(seq_id, by_id[seq_id].append)
 
-        failed = _each(list(by_id), apply)
+        failed = each(list(by_id), apply)
         served: dict[str, StepResult] = {}
         earlier: dict[str, list[StepResult]] = {s: [] for s in by_id}
         stepping = [r for r in reqs if r.seq_id not in failed]
@@ -199,8 +168,8 @@ class LMRunner(OpensAndCloses):
         if step.sampled_text == EOS_TEXT:
             return False
         top = step.top
-        if not step.mid_char and junction_kind(
-            ahead.policy, top.entropy, top.top1_prob, ahead.threshold, ahead.tau
+        if not step.mid_char and run_ahead_stops(
+            top.entropy, top.top1_prob, ahead.threshold, ahead.tau
         ):
             return False
         seq = self.seqs[req.seq_id]
@@ -219,14 +188,14 @@ class LMRunner(OpensAndCloses):
         """
         appends = {r.seq_id: r.append for r in reqs}
         words = {r.seq_id: _Word(r.max_tokens) for r in reqs}
-        failed = _each(list(words), lambda s: self._apply(s, appends[s]))
+        failed = each(list(words), lambda s: self._apply(s, appends[s]))
         writing = [s for s in words if s not in failed]
         while writing:
             for seq_id in writing:
                 words[seq_id].processed += len(self.seqs[seq_id].pending)
             failed |= self._forward(writing)
             writing = [s for s in writing if s not in failed]
-            more = {s: _guarded(s, self._write_next, s, words[s]) for s in writing}
+            more = {s: guarded(s, self._write_next, s, words[s]) for s in writing}
             failed |= {s: out for s, out in more.items() if isinstance(out, Failure)}
             writing = [s for s, out in more.items() if out is True]
         return [
@@ -259,13 +228,6 @@ class LMRunner(OpensAndCloses):
         return len(word.ids) < word.max_tokens or bool(seq.text.mid_char)
 
     # ----------------------------------------------------------------- internals
-    def _logits_of(self, seq_ids: list[str]) -> torch.Tensor:
-        """[rows, vocab] next-token logits; the batched forward's own tensor when it matches."""
-        batch = self.batch
-        if batch is not None and batch.logits is not None and tuple(seq_ids) == batch.seq_ids:
-            return batch.logits  # the steady state: no copy of a vocabulary-wide tensor
-        return torch.stack([self.seqs[s].logits for s in seq_ids])
-
     def _apply(self, seq_id: str, commits: list[Commit]) -> int:
         """Append commits to a sequence; returns how many tokens are now pending."""
         seq = self._seq(seq_id)
@@ -273,154 +235,11 @@ class LMRunner(OpensAndCloses):
             seq.pending.extend(seq.text.apply(commit))
         return len(seq.pending)
 
-    def _seq(self, seq_id: str) -> _Sequence:
+    def _seq(self, seq_id: str) -> LMSequence:
         try:
             return self.seqs[seq_id]
         except KeyError:
             raise KeyError(f"sequence {seq_id!r} is not open on the {self.role} runner") from None
-
-    def _forward(self, seq_ids: list[str]) -> dict[str, Failure]:
-        """Run every pending token of these sequences; leaves next-token logits on each.
-
-        A batched forward that fails is undone (its cache is put back as it was) and its
-        sequences run one at a time, so only a sequence that fails on its own gets a Failure.
-        """
-        extending, prompts, alone = [], [], []
-        for seq_id in seq_ids:
-            seq = self.seqs[seq_id]
-            if seq.pending and seq.cached > 0:
-                extending.append(seq_id)
-            elif seq.pending and seq.cached == 0:
-                prompts.append(seq_id)
-            elif seq.logits is None:
-                alone.append(seq_id)
-        # One batched forward for the sequences that add the same number of tokens (one, for
-        # a model's own tokens; often more for text another model wrote, which every request
-        # of a guidance model receives at each junction): the most common count, so rows are
-        # never padded inside the batch (sliding-window layers count columns). The rest run
-        # alone.
-        counts = Counter(len(self.seqs[s].pending) for s in extending)
-        width = max(counts, key=lambda n: (counts[n], n == 1), default=1)
-        batched = [s for s in extending if len(self.seqs[s].pending) == width]
-        alone += [s for s in extending if len(self.seqs[s].pending) != width]
-        if len(prompts) == 1:
-            alone += prompts
-        elif prompts:
-            try:
-                self._prefill(prompts)
-            except Exception:  # noqa: BLE001 - it changed nothing; one at a time finds the culprit
-                alone += prompts
-        if batched:
-            try:
-                self._forward_batch(batched)
-            except Exception:  # noqa: BLE001 - undone; one at a time finds the culprit
-                self._unbatch()
-                alone += batched
-        return _each(alone, self._forward_alone)
-
-    def _forward_alone(self, seq_id: str) -> None:
-        if self.batch and seq_id in self.batch.seq_ids:
-            self._unbatch()
-        seq = self.seqs[seq_id]
-        if not seq.pending:
-            raise RuntimeError(f"sequence {seq_id!r} has nothing to run")
-        cache = seq.cache if seq.cache is not None else DynamicCache(config=self.model.config)
-        saved = checkpoint(cache)
-        n = len(seq.pending)
-        ids = torch.tensor([seq.pending], device=self.device)
-        positions = torch.arange(seq.cached, seq.cached + n, device=self.device)[None]
-        mask = torch.ones(1, seq.cached + n, dtype=torch.long, device=self.device)
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        except Exception:
-            rollback(cache, saved)  # the sequence stays as it was before this forward
-            raise
-        seq.cache = out.past_key_values
-        seq.cached += n
-        seq.pending = []
-        seq.logits = out.logits[0, -1].float()
-
-    def _prefill(self, seq_ids: list[str]) -> None:
-        """New prompts in one left-padded forward; each row's cache is then its real tokens."""
-        seqs = [self.seqs[s] for s in seq_ids]
-        lengths = [len(s.pending) for s in seqs]
-        width = max(lengths)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        positions = torch.zeros_like(ids)
-        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-            ids[row, width - n :] = torch.tensor(seq.pending, device=self.device)
-            mask[row, width - n :] = 1
-            positions[row, width - n :] = torch.arange(n, device=self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=DynamicCache(config=self.model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
-        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-            seq.cache = slice_row(out.past_key_values, row, n)  # drops the left padding
-            seq.cached, seq.pending, seq.logits = n, [], logits[row]
-
-    def _forward_batch(self, seq_ids: list[str]) -> None:
-        if self.batch is None or set(self.batch.seq_ids) != set(seq_ids):
-            self._rebatch(seq_ids)
-        batch = self.batch
-        seqs = [self.seqs[s] for s in batch.seq_ids]
-        width = len(seqs[0].pending)  # the same for every row (see `_forward`)
-        ids = torch.tensor([s.pending for s in seqs], device=self.device)
-        positions = torch.tensor([[s.cached] for s in seqs], device=self.device)
-        positions = positions + torch.arange(width, device=self.device)
-        ones = torch.ones(len(seqs), width, dtype=torch.long, device=self.device)
-        mask = torch.cat([batch.mask, ones], dim=1)
-        saved = checkpoint(batch.cache)
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=batch.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        except Exception:
-            rollback(batch.cache, saved)
-            raise
-        batch.mask = mask
-        batch.cache = out.past_key_values
-        logits = batch.logits = out.logits[:, -1].float()
-        for row, seq in enumerate(seqs):
-            seq.cached += width
-            seq.pending = []
-            seq.logits = logits[row]
-
-    def _rebatch(self, seq_ids: list[str]) -> None:
-        self._unbatch()
-        seqs = [self.seqs[s] for s in seq_ids]
-        cache, mask = stack_rows([s.cache for s in seqs], [s.cached for s in seqs])
-        for seq in seqs:
-            seq.cache = None
-        self.batch = _Batch(tuple(seq_ids), cache, mask)
-
-    def _unbatch(self) -> None:
-        """Hand every row of the batch back to its sequence as a batch-1 cache (views)."""
-        if self.batch is None:
-            return
-        for row, seq_id in enumerate(self.batch.seq_ids):
-            seq = self.seqs.get(seq_id)
-            if seq is not None:
-                seq.cache = slice_row(self.batch.cache, row, seq.cached)
-        self.batch = None
 
     def _summarize(
         self, logits: torch.Tensor, reqs: list[StepRequest]
@@ -443,7 +262,7 @@ class LMRunner(OpensAndCloses):
             unique_max=(top_logits[:, 0] > top_logits[:, 1]).tolist(),
         )
         return [
-            _guarded(req.seq_id, self._summary, row, req, logits, rows, norm)
+            guarded(req.seq_id, self._summary, row, req, logits, rows, norm)
             for row, req in enumerate(reqs)
         ]
 
@@ -500,18 +319,3 @@ class LMRunner(OpensAndCloses):
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < req.top_p
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
-
-
-
-def _guarded(seq_id: str, run: Callable[..., T], *args: Any) -> T | Failure:
-    """`run(*args)` for one sequence; its Failure if it raised (its batch-mates carry on)."""
-    try:
-        return run(*args)
-    except Exception as exc:  # noqa: BLE001 - one sequence's error is its own result
-        return failure(seq_id, exc)
-
-
-def _each(seq_ids: list[str], run: Callable[[str], Any]) -> dict[str, Failure]:
-    """Run `run` for each sequence; the Failures of those that raised."""
-    outs = {seq_id: _guarded(seq_id, run, seq_id) for seq_id in seq_ids}
-    return {seq_id: out for seq_id, out in outs.items() if isinstance(out, Failure)}

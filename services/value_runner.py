@@ -6,7 +6,7 @@ all k candidates in one batch of k whose cache holds expanded views of the prefi
 the prefix is never recomputed and the stored cache is never written. Work per call is the
 new prefix tokens plus the candidates' own tokens, not k full sequences.
 
-A log-ratio value model (`shared.value_model`, LoRA on the base) needs no candidate batch:
+A log-ratio value model (`junction.shared.value_model`, LoRA on the base) needs no candidate batch:
 V(c) = log p_θ(c | prefix) − log p_base(c | prefix) for each of the base's own candidate
 tokens, read from the adapted model's next-token distribution after the prefix forward, less
 the base's log-probabilities that came with the request. Work per call is the new prefix
@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from services.kv import expand_row
-from services.many import OpensAndCloses
-from shared.bridge import TokenText
-from shared.calibration import Calibration, load_calibration
-from shared.config import ModelSpec
-from shared.models import LoadedModel, load_model
-from shared.prompts import build_prompt_ids
-from shared.sources import DEFAULT_VALUE_DIR, check_adapter
-from shared.types import Failure, ModelInfo, ScoreRequest, ScoreResult, failure
-from shared.value_model import (
+from junction.services.kv import expand_row
+from junction.services.protocol import Worker
+from junction.shared.bridge import TokenText
+from junction.shared.calibration import Calibration, load_calibration
+from junction.shared.config import ModelSpec
+from junction.shared.models import LoadedModel, load_model
+from junction.shared.prompts import build_prompt_ids
+from junction.shared.sources import DEFAULT_VALUE_DIR, check_adapter
+from junction.shared.types import Failure, ModelInfo, ScoreRequest, ScoreResult, failure
+from junction.shared.value_model import (
     ValueModel,
     load_log_ratio_model,
     load_value_model,
@@ -48,7 +48,7 @@ class _Sequence:
     last_logprobs: torch.Tensor | None = None  # log-ratio kind: log p_θ of the next token
 
 
-class ValueRunner(OpensAndCloses):
+class ValueRunner(Worker):
     def __init__(
         self,
         loaded: LoadedModel,

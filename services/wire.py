@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.types import Candidates, Commit, Failure, RunAhead, StepRequest, StepResult
+from junction.shared.types import Candidates, Commit, Failure, RunAhead, StepRequest, StepResult
 
 
 def pack_requests(reqs: list[StepRequest]) -> list[tuple]:
@@ -28,7 +28,7 @@ def pack_requests(reqs: list[StepRequest]) -> list[tuple]:
             [(c.text, c.ids, c.family) for c in r.append],
             r.logprobs, r.entropy_k,
             None if r.ahead is None else (
-                r.ahead.steps, r.ahead.policy, r.ahead.threshold, r.ahead.tau, r.ahead.seconds
+                r.ahead.steps, r.ahead.threshold, r.ahead.tau, r.ahead.seconds
             ),
         )
         for r in reqs

@@ -2,7 +2,7 @@
 
 As the paper does, `junction calibrate` runs the base model over a prompt set, pools the
 top-k entropy of every step, and takes for each ratio r the threshold that a share r of
-those steps reaches (`shared.steering.ratio_threshold`). A request's `target_ratio` then
+those steps reaches (`junction.shared.steering.ratio_threshold`). A request's `target_ratio` then
 uses that fixed H, so an easy request fires rarely and a hard one often, and the share
 over the data set lands near r. The thresholds belong to one base model and one top-k
 width; they are saved as `calibration.json` beside the value model they serve.
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.steering import calibrated_threshold, ratio_threshold
+from junction.shared.steering import calibrated_threshold, ratio_threshold
 
 CALIBRATION_FILE = "calibration.json"
 

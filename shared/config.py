@@ -11,11 +11,16 @@ from typing import Annotated, Literal, get_args, get_type_hints
 
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
+# The built-in policies' names, for the API's schema and the config's checks without the
+# gateway; what each does is its module in `junction.gateway.policies`, whose registry adds
+# any other policy's name here (`register_policy_name`).
 Policy = Literal["base", "sia", "dense", "blendin", "nudging", "hybrid", "guidance"]
-POLICIES: tuple[str, ...] = ("base", "sia", "dense", "blendin", "nudging", "hybrid", "guidance")
-VALUE_POLICIES = frozenset({"sia", "dense", "hybrid"})
-GUIDANCE_POLICIES = frozenset({"blendin", "nudging", "hybrid", "guidance"})
-BLEND_POLICIES = frozenset({"blendin", "hybrid"})  # the guidance blends at a confidence junction
+POLICIES: list[str] = list(get_args(Policy))
+
+
+def register_policy_name(name: str) -> None:
+    if name not in POLICIES:
+        POLICIES.append(name)
 SiaDecode = Literal["request", "topk_sample"]
 SIA_DECODES: tuple[str, ...] = ("request", "topk_sample")
 DType = Literal["float32", "bfloat16", "float16"]

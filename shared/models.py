@@ -23,9 +23,9 @@ from filelock import FileLock
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from shared.config import DTYPES as DTYPE_NAMES
-from shared.config import ModelSpec
-from shared.sources import check_source
+from junction.shared.config import DTYPES as DTYPE_NAMES
+from junction.shared.config import ModelSpec
+from junction.shared.sources import check_source
 
 GUIDANCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

@@ -1,7 +1,7 @@
 """Policies written on a command line: `NAME[:FIELD=VALUE,FIELD=VALUE...]`.
 
 `sia:target_ratio=0.2`, `blendin:tau=0.3,lam=0.2`, `dense:beta=5,value_temperature=0`.
-NAME is any of `shared.config.POLICIES` and FIELD any field of `PolicyConfig`, so policies
+NAME is any of `junction.shared.config.POLICIES` and FIELD any field of `PolicyConfig`, so policies
 and options added there are accepted here without change; values are converted by the
 field's declared type and then checked by `PolicyConfig` itself.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, fields
 
-from shared.config import POLICIES, PolicyConfig
+from junction.shared.config import POLICIES, PolicyConfig
 
 
 def _convert(name: str, kind: str, text: str) -> object:

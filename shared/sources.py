@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DEFAULT_VALUE_DIR = Path(__file__).resolve().parent / "defaults" / "value"
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"  # shipped with the package
+DEFAULT_VALUE_DIR = DEFAULTS_DIR / "value"
 # A Hugging Face model id: "name" or "owner/name" (letters, digits, - _ .).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 SOURCE_HINT = (

@@ -3,7 +3,7 @@
 One section per policy of the architecture's table. Nothing here knows about models,
 workers or HTTP: inputs are top-k logits/log-probabilities, values, probabilities and the
 decoded candidate strings; outputs are decisions, indices, strings and weights.
-Each policy's junction test is looked up by name in `JUNCTION_TESTS` (at the end).
+The policies that use them are `junction.gateway.policies`, one module each.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from shared.types import EOS_TEXT
+from junction.shared.types import EOS_TEXT
 
 Floats = torch.Tensor | Sequence[float]
 
@@ -417,54 +417,17 @@ def hybrid_kind(entropy_fires: bool, confidence_fires: bool) -> str | None:
     return None
 
 
-# --- each policy's junction test, looked up by name -----------------------------------------
-
-# A test maps (top-k entropy, top-1 probability, entropy threshold H, τ) to the kind of
-# junction ("value" | "guidance") or None. The engine resolves H (fixed, calibrated or the
-# running quantile) and looks the test up; it holds no per-policy branches.
-JunctionTest = Callable[[float, float, float, float], str | None]
+# --- run-ahead: the junction test a runner applies on its own --------------------------------
 
 
-def _never(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return None
-
-
-def _sia(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return "value" if entropy_junction(entropy, threshold) else None
-
-
-def _dense(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return "value"
-
-
-def _confidence(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return "guidance" if confidence_junction(top1_prob, tau) else None
-
-
-def _hybrid(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return hybrid_kind(entropy_junction(entropy, threshold), confidence_junction(top1_prob, tau))
-
-
-def _guidance(entropy: float, top1_prob: float, threshold: float, tau: float) -> str | None:
-    return "guidance"  # the guidance model alone: every step is its own
-
-
-JUNCTION_TESTS: dict[str, JunctionTest] = {
-    "base": _never,
-    "sia": _sia,
-    "dense": _dense,
-    "blendin": _confidence,
-    "nudging": _confidence,
-    "hybrid": _hybrid,
-    "guidance": _guidance,
-}
-
-
-def junction_kind(
-    policy: str, entropy: float, top1_prob: float, threshold: float, tau: float
-) -> str | None:
-    """The policy's junction test for one step: "value", "guidance" or None."""
-    return JUNCTION_TESTS[policy](entropy, top1_prob, threshold, tau)
+def run_ahead_stops(entropy: float, top1_prob: float, threshold: float | None,
+                    tau: float | None) -> bool:
+    """Does this step end a run-ahead burst? It does where the request's policy would find a
+    junction: an entropy junction at `threshold`, a confidence junction at `tau` (each test
+    only when its setting is given)."""
+    return (threshold is not None and entropy_junction(entropy, threshold)) or (
+        tau is not None and confidence_junction(top1_prob, tau)
+    )
 
 
 # --- Best-of-N -----------------------------------------------------------------------------

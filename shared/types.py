@@ -45,7 +45,7 @@ class RunAhead:
     """How far a driver runner may decode on its own within one call (fewer round trips).
 
     The runner keeps its own sampled token and steps again while the step is no junction
-    (`shared.steering.junction_kind` with these settings; never inside an unfinished UTF-8
+    (`shared.steering.run_ahead_stops` with these settings; never inside an unfinished UTF-8
     character), its token is not the end of text, fewer than `steps` steps were taken, and
     the call has taken less than `seconds` (checked once per round, so a call's sequences stop
     together, as they would step together one call at a time).
@@ -53,9 +53,8 @@ class RunAhead:
     """
 
     steps: int  # the most steps this call may take, counting the one it returns (>= 1)
-    policy: str  # the name of the junction test in `shared.steering.JUNCTION_TESTS`
-    threshold: float  # SIA's entropy threshold H, resolved by the gateway (fixed for the call)
-    tau: float  # the confidence threshold
+    threshold: float | None  # SIA's entropy threshold H (fixed for the call); None: no test
+    tau: float | None  # the confidence threshold; None: no test
     seconds: float = math.inf  # no step starts once the call has taken this long
 
 
@@ -156,7 +155,7 @@ class ModelInfo:
     max_context: int
     device: str
     calibration: dict | None = None  # value role: SIA's calibrated entropy thresholds, if any
-    value_kind: str | None = None  # value role: "head" or "log_ratio" (shared.value_model)
+    value_kind: str | None = None  # value role: "head" or "log_ratio" (junction.shared.value_model)
 
 
 @dataclass(slots=True)

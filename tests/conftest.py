@@ -29,8 +29,8 @@ def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
 @pytest.fixture(scope="session")
 def embedded_base():
     """The real default base model (Gemma 3 270M), through the one loader."""
-    from shared.config import ModelSpec
-    from shared.models import load_model
+    from junction.shared.config import ModelSpec
+    from junction.shared.models import load_model
 
     return load_model("base", ModelSpec())
 
@@ -38,7 +38,7 @@ def embedded_base():
 @pytest.fixture(scope="session")
 def embedded_guidance():
     """The real default guidance model (SmolLM2-135M-Instruct), through the one loader."""
-    from shared.config import ModelSpec
-    from shared.models import load_model
+    from junction.shared.config import ModelSpec
+    from junction.shared.models import load_model
 
     return load_model("guidance", ModelSpec())

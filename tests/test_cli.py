@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-JUNCTION = [sys.executable, "-c", "from gateway.cli import main; main()"]
+JUNCTION = [sys.executable, "-c", "from junction.cli import main; main()"]
 
 
 def run(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -30,7 +30,7 @@ def test_importing_the_cli_loads_no_heavy_library() -> None:
     """What keeps --help fast, checked without a clock: torch, transformers and ray are
     imported by the commands that need them, never by the module that lists them."""
     code = (
-        "import sys, gateway.cli; "
+        "import sys, junction.cli; "
         "print(sorted({'torch', 'transformers', 'ray', 'peft'} & set(sys.modules)))"
     )
     out = subprocess.run(
@@ -127,16 +127,16 @@ def test_a_bad_device_on_the_command_line(tmp_path: Path) -> None:
 def test_an_actor_that_fails_to_load_is_reported_by_its_cause() -> None:
     """`junction serve` logs (and /ready carries) the exception that stopped an actor's model
     load, not Ray's remote traceback with its paths, pids and actor ids."""
-    from services.actors import cause
+    from junction.services.actors import cause
 
     ray_text = (
         "The actor died because of an error raised in its creation task, "
         "ray::BaseWorker.__init__() (pid=12070, ip=10.0.0.2, actor_id=06e19c4c9a)\n"
         '  File "/srv/junction/services/actors.py", line 45, in __init__\n'
         "    self.runner = build_runner(self.role, config, progress=False)\n"
-        "shared.sources.ModelSourceError: base model: /models/x has no config.json\n"
+        "junction.shared.sources.ModelSourceError: base model: /models/x has no config.json\n"
     )
     assert cause(RuntimeError(ray_text)) == (
-        "shared.sources.ModelSourceError: base model: /models/x has no config.json"
+        "junction.shared.sources.ModelSourceError: base model: /models/x has no config.json"
     )
     assert cause(RuntimeError("")) == "RuntimeError"

@@ -20,7 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
-from shared.config import GUIDANCE_POLICIES, JunctionConfig, config_from_dict
+from junction.gateway.policies import REGISTRY
+from junction.shared.config import JunctionConfig, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY_SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -231,7 +232,7 @@ def test_metric_checker(expr, ok):
 
 
 def test_metric_table_matches_the_gateway():
-    gateway_metrics = pytest.importorskip("gateway.metrics", reason="gateway metrics module")
+    gateway_metrics = pytest.importorskip("junction.gateway.metrics")
     exposed = {spec.name: (spec.type, frozenset(spec.labels)) for spec in gateway_metrics.METRICS}
     for name, spec in METRICS.items():
         assert exposed.get(name) == spec, name
@@ -343,7 +344,8 @@ def test_blendin_warning_alert():
     policies = re.findall(r'policy\s*=~\s*"([^"]+)"', expr)
     assert policies and all(set(p.split("|")) == set(policies[0].split("|")) for p in policies)
     assert "blendin" in policies[0].split("|")
-    assert set(policies[0].split("|")) <= GUIDANCE_POLICIES
+    guided = {name for name, policy in REGISTRY.items() if "guidance" in policy.roles()}
+    assert set(policies[0].split("|")) <= guided
     assert rule["labels"]["severity"] == "warning"
 
 
