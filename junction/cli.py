@@ -1,8 +1,7 @@
 """The `junction` command: generate (any policy, Best-of-N), serve, train-value, evaluate,
-diagnose, calibrate.
+diagnose, calibrate."""
 
-Serving is `junction.gateway`; the offline commands live in `junction.offline` (`train-value`
-in `train_value.py`, `evaluate`, `diagnose`, `calibrate`)."""
+# Serving is `junction.gateway`; the offline commands live in `junction.offline`.
 
 # torch, transformers and ray are imported inside the commands, never at module level, so
 # `junction --help` and a user error (a bad config, a bad model path) answer in about a second.
