@@ -126,7 +126,7 @@ async def native_events(engine: Engine, seq: Sequence) -> AsyncIterator[bytes]:
 def _encoded(seq: Sequence, item: TokenEvent | GenerationResult) -> bytes:
     if isinstance(item, TokenEvent):
         # Shallow (every field but logprobs is a plain value): `asdict` recurses into
-        # each value, a cost paid at every step of every stream (BENCHMARKS.md).
+        # each value, a cost paid at every step of every stream (docs/benchmarks-history.md).
         event = {name: getattr(item, name) for name in TOKEN_EVENT_FIELDS}
         return sse(json.dumps(event, ensure_ascii=False), "token")
     error = b""

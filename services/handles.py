@@ -18,7 +18,7 @@ class WorkerRestarted(Exception):
 class Handle(Protocol):
     # Calls to two such workers run at the same time (separate processes). In-process
     # runners share one interpreter lock: two CPU-bound runner threads at once took longer
-    # than one after the other (BENCHMARKS.md, "Overlapped guidance").
+    # than one after the other (docs/benchmarks-history.md, "Overlapped guidance").
     parallel: bool
 
     def call(self, method: Method, *args: Any) -> Awaitable[Any]:

@@ -7,7 +7,7 @@ the pickler looks the class up in a dispatch table (a Python `ChainMap` that rai
 ahead nine steps answers with ~300 such objects (a `StepResult` and its `Candidates` per
 step), and the actor and the gateway each pay their half on every call, while the other
 waits. `python scripts/ray_calls.py --streams 16 --ahead 9` times that reply's round trip
-both ways (BENCHMARKS.md: about half as long as tuples).
+both ways (BENCHMARKS.md, "ray_calls").
 
 In process the objects pass as they are: only `RayHandle` and the actors use this module.
 Each function lists every field of its class; `tests/test_wire.py` fails when a field is
