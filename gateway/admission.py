@@ -65,7 +65,8 @@ async def open_request(req: GenerationRequest, calls: Calls, infos: dict[str, Mo
         families={role: infos[role].family for role in req.roles},
         seed=seed,
     )
-    policies[req.policy.policy].open(seq)
+    seq.rule = policies[req.policy.policy]
+    seq.rule.open(seq)
     return seq
 
 

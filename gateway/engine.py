@@ -259,7 +259,7 @@ class Engine:
         drivers = {role: Batch(role, Worker.step) for role in ("base", "guidance")}
         early = Batch("guidance", Worker.step)
         for s in seqs:
-            policy, driver = self.policies[s.policy.policy], s.req.driver
+            policy, driver = s.rule, s.req.driver
             drivers[driver].add(s, StepRequest(
                 s.id,
                 k=s.policy.top_k,
@@ -302,7 +302,7 @@ class Engine:
         """Step 2: the policy's junction test; never inside an unfinished UTF-8 character of
         the base's. Every step is then shown to the policies' observers (SIA's thresholds)."""
         skip = seq.req.driver == "base" and step.mid_char
-        kind = None if skip else self.policies[seq.policy.policy].junction(seq, step)
+        kind = None if skip else seq.rule.junction(seq, step)
         self.policies.observe(seq, step)
         return kind
 
@@ -321,7 +321,7 @@ class Engine:
             kind = kinds[s.id]
             if kind is None or s.lost:
                 continue  # (a lost request takes this step again once its worker is back)
-            ask = self.policies[s.policy.policy].consult(s, steps[s.id], kind, early.get(s.id))
+            ask = s.rule.consult(s, steps[s.id], kind, early.get(s.id))
             if ask is None:
                 continue
             if ask.request is None:
@@ -341,7 +341,7 @@ class Engine:
     def _advance(self, seq: Sequence, step: StepResult, kind: str | None, answer: Any) -> None:
         """Step 4: commit the policy's choice, stream it, count it."""
         seq.steps += 1
-        choice = self.policies[seq.policy.policy].choose(seq, step, kind, answer)
+        choice = seq.rule.choose(seq, step, kind, answer)
         seq.last_kind = kind
         if kind is not None:
             seq.interventions += 1

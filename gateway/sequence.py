@@ -22,19 +22,15 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The policy's class and its driver, looked up once: the loop reads them at every step.
+    policy_class: type[Policy] = field(init=False, repr=False, compare=False)
+    driver: str = field(init=False, repr=False, compare=False)  # whose tokens form the text
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("prompt: give exactly one of prompt or messages")
-
-    @property
-    def policy_class(self) -> type[Policy]:
-        return policy_class(self.policy.policy)
-
-    @property
-    def driver(self) -> str:
-        """The role whose tokens form the text (the base, but for the `guidance` policy)."""
-        return self.policy_class.driver
+        self.policy_class = policy_class(self.policy.policy)
+        self.driver = self.policy_class.driver
 
     @property
     def value_temperature(self) -> float:
@@ -76,6 +72,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     seed: int | None = None  # the request's seed, or the one drawn for it when it samples
+    rule: Policy | None = None  # the engine's instance of the request's policy
     memory: Any = None  # the policy's own (SIA's random stream, Nudging's rounds)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
