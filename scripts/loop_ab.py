@@ -1,6 +1,6 @@
 """The in-process decode loop of two commits, side by side: ms per tick on the tiny pair.
 
-    python scripts/loop_ab.py 119985d HEAD --pairs 4 --reps 3
+    python scripts/loop_ab.py 119985d HEAD --pairs 4 --reps 3 [--stub]
 
 Each commit is checked out in a temporary worktree and measured in processes of its own,
 alternating (A, B, A, B, ...), so a load that comes and goes on a shared machine falls on
@@ -8,7 +8,9 @@ both. A process builds the tests' tiny base and guidance (`tests/tiny.py`), warm
 times `base` and `blendin` at 16 streams and 1 stream, `--reps` times each, and prints the
 median ms per tick; this script prints each side's median over the pairs and B ÷ A per pair
 (median and range). It uses the commit's own `scripts/benchmark.py` helpers, so it measures
-any commit that has them, before or after the import root moved.
+any commit that has them, before or after the import root moved. With `--stub` the workers
+answer at once with canned summaries (a confidence junction every 4th step), so only the
+loop's own work is timed: what a change to the loop changes.
 """
 
 from __future__ import annotations
@@ -32,13 +34,60 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)  # as the served workers of the tiny pair get
 import scripts.benchmark as b
-reps, sides = int(sys.argv[2]), json.loads(sys.argv[3])
-base_path, guidance_path = b.tiny_models(Path(tempfile.mkdtemp()))
-def runner(role, path, chat):
-    return b.LocalHandle(b.LMRunner(b.load_model(role, b.tiny_spec(path), progress=False),
-                                    role, chat=chat))
-runners = {"base": runner("base", base_path, False),
-           "guidance": runner("guidance", guidance_path, True)}
+reps, sides, stub = int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "stub"
+try:
+    from junction.shared.types import Candidates, ModelInfo, StepResult
+except ImportError:  # a commit from before the import root
+    from shared.types import Candidates, ModelInfo, StepResult
+
+# A worker that answers at once with canned summaries: the loop's own cost alone. Its top-1
+# probability is 0.2 at every 4th step (a confidence junction at tau 0.4).
+class Stub:
+    def __init__(self, role):
+        self.role, self.steps = role, {}
+    def info(self):
+        return ModelInfo(self.role, "stub", "stub", 100, 4096, "cpu")
+    def open(self, seq_id, prompt=None, messages=None, seed=None):
+        self.steps[seq_id] = 0
+        return 4
+    def open_many(self, opens):
+        return [self.open(*args) for args in opens]
+    def close(self, seq_id):
+        self.steps.pop(seq_id, None)
+    def close_many(self, seq_ids):
+        for seq_id in seq_ids:
+            self.close(seq_id)
+    def live(self):
+        return len(self.steps)
+    def one(self, req):
+        n = self.steps[req.seq_id] = self.steps[req.seq_id] + 1
+        p = 0.2 if n % 4 == 0 else 0.9
+        k = req.k
+        top = Candidates(list(range(5, 5 + k)), [f" w{i}" for i in range(k)],
+                         [-0.1] + [-3.0] * (k - 1), 0.3, p)
+        return StepResult(req.seq_id, top, 5, " w0", False, 1)
+    def step(self, reqs):
+        out = []
+        for req in reqs:
+            ahead, tau = req.ahead, getattr(req.ahead, "tau", None)
+            steps = [self.one(req)]
+            while ahead is not None and len(steps) < ahead.steps and not (
+                    tau is not None and steps[-1].top.top1_prob < tau):
+                steps.append(self.one(req))
+            last = steps[-1]
+            last.earlier = steps[:-1]
+            out.append(last)
+        return out
+
+if stub:
+    runners = {role: b.LocalHandle(Stub(role)) for role in ("base", "guidance")}
+else:
+    base_path, guidance_path = b.tiny_models(Path(tempfile.mkdtemp()))
+    def runner(role, path, chat):
+        return b.LocalHandle(b.LMRunner(b.load_model(role, b.tiny_spec(path), progress=False),
+                                        role, chat=chat))
+    runners = {"base": runner("base", base_path, False),
+               "guidance": runner("guidance", guidance_path, True)}
 async def one(policy, streams):
     engine = b.Engine(runners, b.Limits(max_concurrency=64))
     await engine.start()
@@ -60,9 +109,10 @@ def worktree(rev: str, into: Path) -> Path:
     return path
 
 
-def measure(tree: Path, reps: int) -> dict[str, float]:
+def measure(tree: Path, reps: int, stub: bool) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(tree), str(reps), json.dumps(SIDES)],
+        [sys.executable, "-c", MEASURE, str(tree), str(reps), json.dumps(SIDES),
+         "stub" if stub else "models"],
         cwd=tree, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -74,6 +124,9 @@ def main() -> None:
     parser.add_argument("b", help="commit B")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--stub", action="store_true",
+                        help="workers that answer at once with canned summaries: the loop's "
+                        "own cost, without the models' (which dominate and vary)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="junction-ab-") as tmp:
         trees = {rev: worktree(rev, Path(tmp)) for rev in (args.a, args.b)}
@@ -81,7 +134,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {args.a: [], args.b: []}
             for pair in range(args.pairs):
                 for rev in (args.a, args.b) if pair % 2 == 0 else (args.b, args.a):
-                    runs[rev].append(measure(trees[rev], args.reps))
+                    runs[rev].append(measure(trees[rev], args.reps, args.stub))
                     print(f"pair {pair + 1}: {rev} {runs[rev][-1]}", file=sys.stderr)
         finally:
             for tree in trees.values():
