@@ -1,21 +1,13 @@
-"""Run-ahead: the base decodes several steps in one call until its next junction.
+"""Run-ahead: between junctions the base decodes several steps in one call.
 
-Between junctions the gateway only commits the base's own sampled token, and the junction
-test is a pure function of the step's summary (`shared.steering.run_ahead_stops`). So the
-base runner can apply the test itself and keep stepping, and one round trip carries every
-step up to the next junction, the end of text, max_tokens or the `limits.run_ahead` cap;
-`base` has no junctions and runs ahead the most. A request's first step comes alone, so
-the time to its first token does not wait for a burst. The gateway then commits the steps one by
-one as if each had come in its own tick (`Engine._ran_ahead`): each gets its own event,
-stop strings and max_tokens are checked per step, and steps past a stop (or of a cancelled
-request) are dropped; the request then ends, and closing it frees the runner's copy of them
-(its KV cache and text), so nothing needs rolling back. Sampling uses the runner's
-per-request generator in the same order either way, and a call's rounds batch the same
-sequences as the same steps taken one call at a time would, so seeded outputs are equal.
-
-Why not Ray's Compiled Graphs: they cut the cost of each actor call, not the number of
-calls, and pin an actor to its graph, while run-ahead works the same in process and over
-Ray (BENCHMARKS.md; `scripts/ray_calls.py` measures both).
+A step without a junction commits the base's own token, and the junction test is a pure
+function of the step's summary, so the runner applies it itself (`run_ahead_stops`) and one
+round trip carries every step up to the next junction. The engine then commits them one by
+one as separate ticks would (`Engine._ran_ahead`); steps past a stop are dropped, and closing
+the request frees the runner's copy, so nothing needs rolling back. Seeded outputs are equal
+either way: the same generator draws in the same order over the same batches. The first step
+comes alone, for the time to first token. (Ray's Compiled Graphs cut a call's cost, not the
+number of calls; BENCHMARKS.md.)
 """
 
 from __future__ import annotations
