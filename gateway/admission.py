@@ -4,8 +4,11 @@ the wait that lets requests sent together start together."""
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
-from collections.abc import Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 
 from junction.gateway.calls import Calls
 from junction.gateway.policies import Policies
@@ -17,10 +20,11 @@ from junction.shared.types import ModelInfo
 
 
 class EngineOverloaded(Exception):
-    """Too many live requests; the caller should retry after `retry_after` seconds."""
+    """Too many live requests and the queue full, or the wait too long; the caller should
+    retry after `retry_after` seconds."""
 
-    def __init__(self, limit: int, retry_after: int = 1) -> None:
-        super().__init__(f"at most {limit} concurrent requests; retry later")
+    def __init__(self, limit: int, retry_after: int = 1, why: str = "") -> None:
+        super().__init__(f"at most {limit} concurrent requests{why}; retry later")
         self.retry_after = retry_after
 
 
@@ -136,3 +140,75 @@ class Admitting:
             return
         if any(s.steps == 0 and s.status is Status.RUNNING for s in active):
             await asyncio.wait(list(self.pending), timeout=join_ms / 1000)
+
+
+class Waiting:
+    """Requests over the live limit, first come first served (`limits.max_queue`,
+    `limits.queue_timeout_s`).
+
+    A freed slot goes to the head of the queue (`grant`) and is held for it (`reserved`)
+    until its request starts opening, so a request that arrives meanwhile cannot take it; a
+    waiter that leaves gives its place, or its slot, back. Nothing is opened on a worker
+    while a request waits, so a client that leaves costs nothing.
+    """
+
+    def __init__(self, limits: Limits, free: Callable[[], int]) -> None:
+        self.limits = limits
+        self.free = free  # slots free now, reservations counted as taken
+        self.queue: deque[asyncio.Future] = deque()
+        self.reserved = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    async def take(self) -> float:
+        """A slot for one request: at once when one is free and nobody waits, else in turn.
+        Returns the seconds waited; raises EngineOverloaded when the queue is full or the
+        wait reaches `queue_timeout_s`."""
+        limits = self.limits
+        if not self.queue and self.free() > 0:
+            return 0.0
+        if len(self.queue) >= limits.max_queue:
+            why = f" and {limits.max_queue} waiting" if limits.max_queue else ""
+            raise EngineOverloaded(limits.max_concurrency, why=why)
+        turn = asyncio.get_running_loop().create_future()
+        self.queue.append(turn)
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), limits.queue_timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.reserved -= 1  # granted as it gave up: the slot goes to the next one
+                self.grant()
+            else:
+                self._drop(turn)
+            if isinstance(exc, asyncio.TimeoutError):
+                retry = max(1, math.ceil(limits.queue_timeout_s / 10))
+                raise EngineOverloaded(
+                    limits.max_concurrency, retry,
+                    f"; waited {limits.queue_timeout_s:g} s in the queue",
+                ) from None
+            raise
+        self.reserved -= 1  # the caller starts opening now, in the same turn of the loop
+        return time.monotonic() - start
+
+    def grant(self) -> None:
+        """Hand the slots that are free to the requests at the head of the queue."""
+        while self.queue and self.free() > 0:
+            turn = self.queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                self.reserved += 1
+
+    def close(self, error: BaseException) -> None:
+        """The engine stops: every waiting request fails with `error`."""
+        while self.queue:
+            turn = self.queue.popleft()
+            if not turn.done():
+                turn.set_exception(error)
+
+    def _drop(self, turn: asyncio.Future) -> None:
+        if not turn.done():
+            turn.cancel()
+        if turn in self.queue:
+            self.queue.remove(turn)

@@ -259,7 +259,8 @@ def _operations_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         engine = gateway.engine
-        gateway.metrics.set_active(len(engine.live) if engine else 0)
+        gateway.metrics.set_active(len(engine.live) if engine else 0,
+                                   engine.queued if engine else 0)
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from junction.gateway.admission import (
     Admitting,
     EngineOverloaded,
+    Waiting,
     WorkerDown,
     check,
     open_request,
@@ -53,6 +54,7 @@ class Observer(Protocol):
     def on_token(self, seq: Sequence, event: TokenEvent) -> None: ...
     def on_finish(self, seq: Sequence, result: GenerationResult) -> None: ...
     def on_actor_call(self, role: str, seconds: float) -> None: ...
+    def on_wait(self, seconds: float) -> None: ...
 
 
 class NullObserver:
@@ -63,6 +65,9 @@ class NullObserver:
         pass
 
     def on_actor_call(self, role: str, seconds: float) -> None:
+        pass
+
+    def on_wait(self, seconds: float) -> None:
         pass
 
 
@@ -82,6 +87,7 @@ class Engine:
         # them) until the workers answer, but no longer stepped or recovered.
         self._closing: set[str] = set()
         self._admitting = Admitting()
+        self._waiting = Waiting(self.limits, self._free)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -116,6 +122,7 @@ class Engine:
     async def close(self) -> None:
         """Stop the loop, then cancel and free whatever is still live."""
         self._closed = True
+        self._waiting.close(RuntimeError("the engine is shut down"))
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -128,15 +135,19 @@ class Engine:
 
     # ----------------------------------------------------------------- requests
     async def submit(self, req: GenerationRequest) -> Sequence:
-        """Admit a request: check it, open it on its workers, queue it for the next tick."""
+        """Admit a request: check it, wait for a slot if none is free, open it on its
+        workers, queue it for the next tick."""
         check(req, self.workers, self.limits)
-        if self.running() + len(self._admitting) >= self.limits.max_concurrency:
-            raise EngineOverloaded(self.limits.max_concurrency)
         if self._closed or self.stopped:
             raise RuntimeError(self.stopped or "the engine is shut down")
+        waited = await self._waiting.take()
         down = next((r for r in req.roles if r in self.supervisor.down), None)
-        if down is not None:
+        if self._closed or self.stopped or down is not None:
+            self._waiting.grant()  # the slot it was given goes to the next one
+            if down is None:
+                raise RuntimeError(self.stopped or "the engine is shut down")
             raise WorkerDown(down, self.supervisor.down[down])
+        self.observer.on_wait(waited)
         admitted = self._admitting.begin()
         try:
             seq = await open_request(req, self.calls, self.infos, self.limits, self.policies)
@@ -145,6 +156,7 @@ class Engine:
                 self._wake.set()
         finally:
             self._admitting.end(admitted)
+            self._waiting.grant()  # (a request that failed to open leaves its slot)
         if self._closed:  # shut down while this request was being opened
             await self.calls.close(seq.id, req.roles)
             raise RuntimeError("the engine is shut down")
@@ -181,11 +193,21 @@ class Engine:
         """Requests holding a concurrency slot: finished ones are not waiting for their reap."""
         return sum(s.status is Status.RUNNING and not s.cancelled for s in self.live.values())
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
+    def _free(self) -> int:
+        taken = self.running() + len(self._admitting) + self._waiting.reserved
+        return self.limits.max_concurrency - taken
+
     def cancel(self, seq: Sequence) -> None:
         """Stop a request (e.g. its client went away); its caches are freed within a tick."""
         if seq.status is Status.RUNNING:
             seq.cancelled = True
             self._wake.set()
+            self._waiting.grant()
 
     # ----------------------------------------------------------------- the loop
     async def _run(self) -> None:
@@ -202,6 +224,7 @@ class Engine:
                 for seq in self.live.values():
                     seq.finish("error", error=f"internal error in the decode loop: {one_line(exc)}")
                 await asyncio.sleep(RETRY_SECONDS)
+            self._waiting.grant()  # the slots of the requests that ended
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """The loop ends only at close(); if it ends otherwise, say why and fail its requests."""
@@ -212,6 +235,7 @@ class Engine:
         log.error("%s", self.stopped, exc_info=exc)
         for seq in self.live.values():
             seq.finish("error", error=self.stopped)
+        self._waiting.close(RuntimeError(self.stopped))
 
     def _active(self) -> list[Sequence]:
         """Live requests that are not being closed."""

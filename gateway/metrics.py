@@ -2,7 +2,8 @@
 
 `Metrics` is the engine's Observer (every committed step, every finished request, every
 worker call) plus two gateway hooks: `observe_request(route, status)` for each HTTP response
-and `set_active(n)` for the number of live requests. `render()` is the body of GET /metrics.
+and `set_active(n, queued)` for the live and waiting requests. `render()` is the body of GET
+/metrics.
 
 Every metric is declared once in `METRICS`; `metrics_table()` turns that list into the
 markdown table of docs/metrics.md (a test keeps the two equal).
@@ -94,6 +95,16 @@ REQUESTS = MetricSpec(
 ACTIVE_REQUESTS = MetricSpec(
     "junction_active_requests", "gauge", (), "Requests decoding right now."
 )
+QUEUED_REQUESTS = MetricSpec(
+    "junction_queued_requests", "gauge", (), "Requests waiting for a slot (limits.max_queue)."
+)
+QUEUE_WAIT = MetricSpec(
+    "junction_queue_wait_seconds",
+    "histogram",
+    (),
+    "Seconds an admitted request waited for a slot (0 when one was free).",
+    (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 REQUEST_INTERVENTION_RATE = MetricSpec(
     "junction_request_intervention_rate",
     "histogram",
@@ -152,6 +163,8 @@ METRICS: tuple[MetricSpec, ...] = (
     REQUESTS_FINISHED,
     REQUESTS,
     ACTIVE_REQUESTS,
+    QUEUED_REQUESTS,
+    QUEUE_WAIT,
     REQUEST_INTERVENTION_RATE,
     TIME_TO_FIRST_TOKEN,
     INTER_TOKEN_LATENCY,
@@ -190,6 +203,8 @@ class Metrics:
         self.requests_finished = self._counter(REQUESTS_FINISHED)
         self.requests = self._counter(REQUESTS)
         self.active_requests = self._gauge(ACTIVE_REQUESTS)
+        self.queued_requests = self._gauge(QUEUED_REQUESTS)
+        self.queue_wait = self._histogram(QUEUE_WAIT)
         self.request_intervention_rate = self._histogram(REQUEST_INTERVENTION_RATE)
         self.time_to_first_token = self._histogram(TIME_TO_FIRST_TOKEN)
         self.inter_token_latency = self._histogram(INTER_TOKEN_LATENCY)
@@ -254,12 +269,16 @@ class Metrics:
     def on_actor_call(self, role: str, seconds: float) -> None:
         self.actor_call.labels(role).observe(seconds)
 
+    def on_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
     # ----------------------------------------------------------------- gateway hooks
     def observe_request(self, route: str, status: int | str) -> None:
         self.requests.labels(route, str(status)).inc()
 
-    def set_active(self, n: int) -> None:
+    def set_active(self, n: int, queued: int = 0) -> None:
         self.active_requests.set(n)
+        self.queued_requests.set(queued)
 
     def render(self) -> tuple[bytes, str]:
         """The GET /metrics body and its content type (Prometheus text format)."""

@@ -1,5 +1,6 @@
 """Load and soak a Junction gateway: concurrent clients, a mix of policies and routes, and the
-memory of the gateway and of each Ray worker before and after.
+memory of the gateway and of each Ray worker before and after; and how long admitted requests
+waited for a slot (`junction_queue_wait_seconds`: a burst over `limits.max_concurrency` waits).
 
     python scripts/soak.py                          # starts `junction serve`, 16 x 200, stops it
     python scripts/soak.py --url http://host:8000   # an already running gateway
@@ -243,6 +244,45 @@ def stop_server(server: subprocess.Popen) -> list[int]:
     return left
 
 
+# --------------------------------------------------------------------- the queue
+def queue_buckets(url: str, headers: dict) -> dict[float, float]:
+    """The gateway's cumulative `junction_queue_wait_seconds` buckets (upper bound -> count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    return {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "junction_queue_wait_seconds_bucket"
+    }
+
+
+def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """A quantile from cumulative buckets, interpolated as Prometheus' histogram_quantile."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            share = (rank - below) / (buckets[bound] - below) if buckets[bound] > below else 1
+            return lower + (bound - lower) * share
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def queue_waits(before: dict[float, float], after: dict[float, float]) -> dict:
+    """The load's own waits for a slot: their count and p50 / p95 (seconds)."""
+    during = {le: after[le] - before.get(le, 0.0) for le in after}
+    count = during.get(float("inf"), 0.0)
+    return {"count": int(count), "p50": bucket_quantile(0.5, during),
+            "p95": bucket_quantile(0.95, during)}
+
+
 # --------------------------------------------------------------------- the report
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
@@ -297,6 +337,10 @@ def markdown(result: dict) -> str:
         if before and after:
             lines.append(f"| {name} | {before / 2**20:.0f} | {after / 2**20:.0f} | "
                          f"{(after - before) / before:+.2%} |")
+    waits = result.get("queue_wait_seconds") or {}
+    if waits.get("count"):
+        lines += ["", f"{waits['count']} requests admitted; wait for a slot p50 "
+                  f"{waits['p50']:.2f} s, p95 {waits['p95']:.2f} s (from the gateway's buckets)"]
     if result.get("processes_left_after_stop"):
         lines += ["", f"{result['processes_left_after_stop']} process(es) of the server outlived "
                   "it and were killed"]
@@ -332,15 +376,18 @@ def main() -> None:
         plan = Plan(url, policies, model, args.max_tokens, headers)
         asyncio.run(run_load(plan, args.clients, args.warmup, first=10**6))
         before = memory(plan, server.pid if server else None)
+        waited = queue_buckets(url, headers)
         start = time.perf_counter()
         outcomes = asyncio.run(run_load(plan, args.clients, args.requests))
         wall = time.perf_counter() - start
+        waits = queue_waits(waited, queue_buckets(url, headers))
         time.sleep(2)  # let finished requests free their caches
         after = memory(plan, server.pid if server else None)
     finally:
         left = stop_server(server) if server is not None else []
     result = summary(outcomes, wall, before, after)
     result["processes_left_after_stop"] = len(left)
+    result["queue_wait_seconds"] = waits
     result["settings"] = {k: v for k, v in vars(args).items() if k != "api_key"} | {
         "policies": policies, "json": str(args.json) if args.json else None}
     print(markdown(result))

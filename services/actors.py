@@ -1,13 +1,8 @@
 """Ray actors, one per role: thin shells over the runners, which tests use without Ray.
 
-Each actor builds its runner from the JunctionConfig inside its own process, asks Ray for the
-resources its role's ModelSpec names, and is restarted by Ray if its process dies (the new
-process loads its model again in `__init__`; the engine replays the requests it held from
-their text). Once its `max_restarts` are used up, the engine's supervisor starts a new actor
-through the handle's `spawn`. Calls are never retried: a step is not idempotent.
-
-Only compact summaries cross the actor boundary: the runners already return top-k lists,
-strings and floats, never full-vocabulary logits.
+Ray restarts a dead actor (the engine replays its requests from their text); once its
+`max_restarts` are used up, the supervisor spawns a new one. Calls are never retried: a step
+is not idempotent.
 """
 
 from __future__ import annotations
@@ -44,8 +39,8 @@ class _Worker:
     role = ""
 
     def __init__(self, config: JunctionConfig) -> None:
-        # Ray pins an actor to OMP_NUM_THREADS = num_cpus (1 by default), which would halve a
-        # CPU model's speed; the roles take turns within a tick, so each may use every core.
+        # Ray pins an actor to OMP_NUM_THREADS = num_cpus (1 by default); the roles take turns
+        # within a tick, so each may use every core.
         threads = configured_roles(config)[self.role].threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
         self.runner = build_runner(self.role, config, progress=False)
@@ -116,13 +111,9 @@ def connect_ray(config: JunctionConfig) -> None:
 
 
 def shutdown_ray(grace: float = 5.0) -> None:
-    """Shut down the local Ray this process started, leaving none of its processes behind.
-
-    `ray.shutdown()` stops the head's processes; its agents (DashboardAgent, RuntimeEnvAgent)
-    and workers are children of the raylet and may outlive it, so whatever of this process's
-    Ray descendants is still running after `grace` seconds is killed. Safe to call twice, and
-    while `connect_ray` is still starting Ray in another thread (it waits for it).
-    """
+    """Shut down the local Ray this process started, leaving none of its processes behind:
+    the raylet's agents and workers may outlive `ray.shutdown()`, so those still running after
+    `grace` seconds are killed. Safe to call twice, and while `connect_ray` is starting Ray."""
     global _started_local_ray
     with _ray_lock:
         if not _started_local_ray:
@@ -166,11 +157,8 @@ def spawn(role: str, config: JunctionConfig) -> Any:
 
 
 async def start_workers(config: JunctionConfig) -> dict[str, RayHandle]:
-    """Start an actor per configured role and wait until each has loaded its model.
-
-    The value model is optional: if its actor fails to load (e.g. no adapter has been trained
-    yet), it is left out with a warning and the value policies answer that it is missing.
-    """
+    """Start an actor per configured role and wait until each has loaded its model. A value
+    actor that fails to load is left out with a warning (the value policies say so)."""
     await asyncio.to_thread(connect_ray, config)
     handles = {
         role: RayHandle(spawn(role, config), partial(spawn, role, config))

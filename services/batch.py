@@ -1,16 +1,9 @@
 """How an LM runner's pending tokens go through its model: one batched forward for all.
 
-Sequences that each add the same number of tokens (one, for a model's own tokens) are
-stepped as one right-aligned batch (see `services.kv`). While the same sequences keep
-stepping together, the batched cache is reused as is (no copies beyond the model's own);
-when membership changes, rows are sliced out as views and the new set is stacked once.
-Sequences that add another count of tokens (text another model wrote) run on their own, and
-new prompts in one left-padded prefill, so a forward never pays for padding inside a row.
-
-`BatchedForwards` is `LMRunner`'s base class, kept apart from `services.lm_runner` (which
-serves the requests: open, step, run-ahead, Nudging's words) so each file holds one concern.
-`guarded` and `each` are here because a failed forward falls back on them to find the one
-sequence at fault; the runner isolates its other per-sequence work with them too.
+Sequences that add the same number of tokens step as one right-aligned batch (`services.kv`)
+whose cache is reused while its membership holds; the others run alone, and new prompts in
+one left-padded prefill, so a forward never pays for padding inside a row. `guarded` and
+`each` live here because a failed forward falls back on them to find the sequence at fault.
 """
 
 from __future__ import annotations
@@ -83,11 +76,8 @@ class BatchedForwards:
                 prompts.append(seq_id)
             elif seq.logits is None:
                 alone.append(seq_id)
-        # One batched forward for the sequences that add the same number of tokens (one, for
-        # a model's own tokens; often more for text another model wrote, which every request
-        # of a guidance model receives at each junction): the most common count, so rows are
-        # never padded inside the batch (sliding-window layers count columns). The rest run
-        # alone.
+        # One batched forward for the most common count of new tokens, so rows are never
+        # padded inside the batch (sliding-window layers count columns); the rest run alone.
         counts = Counter(len(self.seqs[s].pending) for s in extending)
         width = max(counts, key=lambda n: (counts[n], n == 1), default=1)
         batched = [s for s in extending if len(self.seqs[s].pending) == width]

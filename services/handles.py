@@ -16,17 +16,13 @@ class WorkerRestarted(Exception):
 
 
 class Handle(Protocol):
-    # Calls to two such workers run at the same time (separate processes). In-process
-    # runners share one interpreter lock: two CPU-bound runner threads at once took longer
-    # than one after the other (docs/benchmarks-history.md, "Overlapped guidance").
+    # Whether calls to two such workers may overlap: in-process runners share the GIL
+    # (docs/benchmarks-history.md, "Overlapped guidance").
     parallel: bool
 
     def call(self, method: Method, *args: Any) -> Awaitable[Any]:
-        """Send `method` (a `Worker` method) now and return what to await for its answer.
-
-        Sent at once, not when first awaited: the engine's next step leaves the moment the
-        engine asks for it, before the streams its last commits woke write their events.
-        """
+        """Send `method` (a `Worker` method) now, not when first awaited, and return what to
+        await for its answer (so a step leaves before the streams write their events)."""
         ...
 
     def unavailable(self, exc: BaseException) -> bool:
@@ -43,11 +39,8 @@ class Handle(Protocol):
 
 
 class LocalHandle:
-    """Runs a plain runner's methods on its own worker thread, one call at a time.
-
-    Always the same thread: OpenMP keeps a thread team per calling thread, so hopping between
-    pool threads would leave idle teams spinning against the working one.
-    """
+    """Runs a plain runner's methods on its own worker thread, one call at a time (always the
+    same thread: OpenMP's idle teams of other threads would spin against the working one)."""
 
     def __init__(self, runner: Any, parallel: bool = False) -> None:
         self.runner = runner
@@ -93,8 +86,7 @@ class RayHandle:
     def dead(self, exc: BaseException) -> bool:
         from ray.exceptions import ActorDiedError
 
-        # Ray raises ActorUnavailableError while an actor restarts, ActorDiedError once it
-        # will not come back (its restarts are used up, or it was killed for good).
+        # ActorUnavailableError while an actor restarts; ActorDiedError once it will not.
         return isinstance(exc, ActorDiedError)
 
     async def renew(self) -> None:

@@ -1,10 +1,7 @@
 """Row operations on transformers' DynamicCache, so many sequences can share one batched step.
 
-Rows are right-aligned: a row's real tokens are the last `length` columns of every layer, and
-shorter rows are padded on the left (masked out by the 2D attention mask). Sliding-window
-layers hold at most `window - 1` columns; a row's share of such a layer is the last
-`min(length, columns)` of them. Slicing a row out of a batch returns views (no copy); stacking
-rows into a batch copies once, and only when the batch's membership changes.
+Rows are right-aligned (left padding masked out); a row's share of a sliding-window layer is
+its last `min(length, columns)` columns. Slicing a row out returns views; stacking copies.
 """
 
 from __future__ import annotations

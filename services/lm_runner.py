@@ -1,8 +1,7 @@
 """A causal LM serving many sequences: per-sequence KV caches, one batched step for all.
 
-The base and guidance workers are this runner with different models and prompt styles. A
-step returns, per sequence, only a compact top-k summary; full-vocabulary logits stay here.
-How pending tokens are batched through the model is `services.batch` (the runner's base).
+The base and guidance workers; a step returns only top-k summaries (logits stay here).
+Batching the forwards is `services.batch`, the runner's base class.
 """
 
 from __future__ import annotations
@@ -122,10 +121,8 @@ class LMRunner(BatchedForwards, Worker):
     def step(self, reqs: list[StepRequest]) -> list[StepResult | Failure]:
         """Apply each request's commits, run what is pending, return each top-k summary.
 
-        A request with `ahead` may take several steps in this one call (see `_keeps_going`):
-        the steps before the one returned come back in its `earlier`, in order.
-        A sequence that cannot be served (its commits, its forward or its sampling fail) gets a
-        Failure in its place; the others are served as if it had not been there.
+        A request with `ahead` may take several steps (its earlier ones in `earlier`). A
+        sequence that cannot be served gets a Failure in its place; the others are served.
         """
         started = time.perf_counter()
         by_id = {r.seq_id: r for r in reqs}
@@ -159,9 +156,8 @@ class LMRunner(BatchedForwards, Worker):
         return [served.get(r.seq_id) or failed[r.seq_id] for r in reqs]
 
     def _keeps_going(self, req: StepRequest, step: StepResult, steps: int, seconds: float) -> bool:
-        """Run ahead past this step? Then its sampled token is committed here, as the gateway
-        would commit it: the step is no junction, not the end of text, and within the caps
-        (`steps` taken before this one, `seconds` since the call began)."""
+        """Run ahead past this step (no junction, not EOS, `steps` before it and `seconds` so
+        far within the caps)? Then its sampled token is committed here, as the gateway would."""
         ahead = req.ahead
         if ahead is None or steps + 1 >= ahead.steps or seconds >= ahead.seconds:
             return False
@@ -181,10 +177,8 @@ class LMRunner(BatchedForwards, Worker):
     def write_words(self, reqs: list[WordRequest]) -> list[WordResult | Failure]:
         """Nudging: each sequence's next word, written greedily and kept in its own text.
 
-        The writer stops where its next word would start (that token is not written, only
-        reported as `next_text`) or at its end of text, which is reported as `eos` also
-        after a word: the word is then the last of the answer. As in `step`, a sequence that
-        fails gets a Failure and the others write on.
+        Stops before the next word's first token (reported as `next_text`, not written) or
+        at EOS (`eos`, also after a word). A sequence that fails gets a Failure.
         """
         appends = {r.seq_id: r.append for r in reqs}
         words = {r.seq_id: _Word(r.max_tokens) for r in reqs}
@@ -247,13 +241,12 @@ class LMRunner(BatchedForwards, Worker):
         """Top-k, entropy, top-1 probability and the runner's own choice, for each row."""
         widest = max(max(r.k, r.logprobs or 0) for r in reqs)
         k = min(max(widest, 2), logits.shape[-1])
-        # Top-k of the raw logits, normalized by one logsumexp: the full-vocabulary
-        # log-softmax is never materialized.
+        # Normalized by one logsumexp: the full-vocabulary log-softmax is never materialized.
         top_logits, top_ids = torch.topk(logits, k, dim=-1)
         norm = torch.logsumexp(logits, dim=-1, keepdim=True)
         top_logprobs = top_logits - norm
-        # The rows' small per-step figures in a few batched ops and one conversion to Python
-        # each, not a dozen tiny tensor ops per row (half a runner's step on tiny models).
+        # Batched ops, not tiny ops per row (docs/benchmarks-history.md, "A step's per-row
+        # figures in batched ops").
         rows = Rows(
             ids=top_ids.tolist(),
             logprobs=top_logprobs.tolist(),
@@ -310,8 +303,7 @@ class LMRunner(BatchedForwards, Worker):
     def _sample(logits: torch.Tensor, req: StepRequest, generator: torch.Generator | None) -> int:
         if req.temperature == 0:
             return int(torch.argmax(logits))  # as transformers' greedy search: first maximum
-        # In float64 and shifted so the largest is 0 before dividing: any T > 0, however small
-        # (down to 5e-324), gives finite scores that tend to greedy, never inf - inf = NaN.
+        # float64, max shifted to 0: any T > 0, however small, gives finite scores, never NaN.
         shifted = logits.double() - logits.max()
         probs = torch.softmax(shifted / req.temperature, dim=-1)
         if req.top_p < 1.0:

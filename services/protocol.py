@@ -1,10 +1,7 @@
 """The worker protocol: every method the engine calls on a model worker, declared once.
 
-Runners subclass `Worker` and implement the methods of their role (the base and guidance
-runners `step` and `write_words`, the value runner `score`). The engine names a method by
-its function here (`handle.call(Worker.step, reqs)`), never by a string; handles and
-actors resolve it through `name_of`, and `WIRE` says how a method's argument and answer
-cross a process boundary when they need a compact form.
+The engine names a method by its function here (`handle.call(Worker.step, reqs)`), never by
+a string; `WIRE` says which methods cross a process boundary in a compact form.
 """
 
 from __future__ import annotations
@@ -39,11 +36,9 @@ class Worker:
         raise NotImplementedError
 
     def open_many(self, opens: list[tuple]) -> list[int | Exception]:
-        """Each open's prompt length, or what it raised, in order: one request that cannot
-        open does not fail the others. The engine opens a turn's requests in one call,
-        since a call to an actor costs about the same whatever it carries. What was raised
-        comes back as a ValueError (a bad prompt: the client's to fix) or a RuntimeError
-        naming the type, so it crosses a process boundary whatever the exception was."""
+        """Each open's prompt length, or what it raised, in order (one bad request does not
+        fail the others): a ValueError (the client's to fix) or a RuntimeError naming the
+        type, so it crosses a process boundary whatever the exception was."""
         out: list[int | Exception] = []
         for args in opens:
             try:
@@ -62,7 +57,7 @@ class Worker:
         raise NotImplementedError
 
     def close_many(self, seq_ids: list[str]) -> None:
-        """Close several sequences: the engine frees all that a tick ended in one call."""
+        """Close several sequences in one call."""
         for seq_id in seq_ids:
             self.close(seq_id)
 
@@ -108,7 +103,7 @@ class Wire:
     answer: Callable[[Any], Any]  # the engine's side: the answer as the engine takes it
 
 
-# The hot call carries plain tuples both ways; the rest cross as they are.
+# The hot call carries plain tuples both ways.
 WIRE: dict[Method, Wire] = {
     Worker.step: Wire(pack_requests, unpack_requests, pack_results, unpack_results),
 }

@@ -1,16 +1,10 @@
 """The value worker's runner: scores k candidate continuations of a sequence with SIA's V.
 
-Each sequence keeps its own KV cache of the shared prefix. A `score` call first runs only the
-tokens committed since the last call through the model (extending that cache), then scores
-all k candidates in one batch of k whose cache holds expanded views of the prefix cache, so
-the prefix is never recomputed and the stored cache is never written. Work per call is the
-new prefix tokens plus the candidates' own tokens, not k full sequences.
-
-A log-ratio value model (`junction.shared.value_model`, LoRA on the base) needs no candidate batch:
-V(c) = log p_θ(c | prefix) − log p_base(c | prefix) for each of the base's own candidate
-tokens, read from the adapted model's next-token distribution after the prefix forward, less
-the base's log-probabilities that came with the request. Work per call is the new prefix
-tokens only; the full-vocabulary distribution never leaves this process.
+Each sequence caches its prefix; a `score` call runs only the newly committed tokens, then
+all k candidates in one batch over expanded views of that cache (the prefix is never
+recomputed). A log-ratio value model (`junction.shared.value_model`) needs no candidate
+batch: V(c) = log p_θ(c | prefix) − log p_base(c | prefix), from the prefix forward, less
+the base's log-probabilities sent with the request.
 """
 
 from __future__ import annotations

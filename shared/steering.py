@@ -1,9 +1,6 @@
-"""Junction tests and steering rules: small pure functions over top-k summaries.
+"""Junction tests and steering rules: pure functions over top-k summaries.
 
-One section per policy of the architecture's table. Nothing here knows about models,
-workers or HTTP: inputs are top-k logits/log-probabilities, values, probabilities and the
-decoded candidate strings; outputs are decisions, indices, strings and weights.
-The policies that use them are `junction.gateway.policies`, one module each.
+No models, workers or HTTP here; the policies in `junction.gateway.policies` call them.
 """
 
 from __future__ import annotations
@@ -24,12 +21,8 @@ Floats = torch.Tensor | Sequence[float]
 
 
 def topk_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax over top-k logits along the last dim; in [0, ln k].
-
-    Works on any batch shape; computed and returned in float64 (k is small), so the
-    clamp to [0, ln k] holds exactly against `math.log(k)`. log_softmax keeps huge or -inf
-    logits finite; a candidate with probability 0 contributes 0 (not 0·-inf = nan).
-    """
+    """Entropy (nats) of softmax over top-k logits along the last dim, in [0, ln k].
+    float64, so the clamp to `math.log(k)` is exact; a zero probability adds 0, not nan."""
     logits = logits.to(torch.float64)
     logp = torch.log_softmax(logits, dim=-1)
     p = logp.exp()
@@ -48,14 +41,9 @@ def confidence_junction(top1_prob: float, tau: float) -> bool:
 
 
 def ratio_threshold(sorted_entropies: Sequence[float], ratio: float) -> float:
-    """The entropy threshold H at which a share `ratio` of these entropies is a junction.
-
-    With m = round(r·n) of the n (ascending) entropies to fire, H lies midway between the
-    highest one that does not fire and the lowest one that does, so `entropy >= H` fires
-    exactly m of them when they are distinct (ties at H all fire). As the paper calibrates
-    SIA: a quantile of the entropies of base runs. r·n below one half never fires (H = ∞);
-    r = 1 always fires (H = 0, entropies are >= 0).
-    """
+    """The threshold H at which a share `ratio` (in [0, 1]) of these ascending entropies
+    fires: SIA's quantile calibration, midway between the highest entropy that does not fire
+    and the lowest that does; ∞ when none fires, 0 when all do."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError("ratio must be between 0 and 1")
     n = len(sorted_entropies)
@@ -70,12 +58,8 @@ def ratio_threshold(sorted_entropies: Sequence[float], ratio: float) -> float:
 
 
 def calibrated_threshold(thresholds: dict[float, float], ratio: float) -> float | None:
-    """H for `ratio` from thresholds calibrated at some ratios; None outside their range.
-
-    Between two calibrated ratios H is interpolated linearly (entropy quantiles are
-    monotone in the ratio); a ratio outside the calibrated range has no calibrated answer
-    (extrapolating a quantile is guesswork), except r = 0 (never) and r = 1 (always).
-    """
+    """H for `ratio`, linear between calibrated ratios; None outside their range (a quantile
+    is not extrapolated), except r = 0 (∞) and r = 1 (0)."""
     if ratio == 0.0:
         return math.inf
     if ratio == 1.0:
@@ -90,13 +74,9 @@ def calibrated_threshold(thresholds: dict[float, float], ratio: float) -> float 
 
 
 class EntropyWindow:
-    """SIA's `target_ratio` without a calibration: a server-wide running entropy quantile.
-
-    It holds the last `size` base entropies of all requests (not one request's: a request
-    whose steps are all easy must not be forced to fire on a share of them), and answers the
-    threshold for a ratio r from them as `ratio_threshold` does. Kept sorted as it goes, so
-    a threshold is O(1) and an observation O(size) at worst (a list insert and delete).
-    """
+    """SIA's `target_ratio` without a calibration: a running quantile of the last `size`
+    base entropies of all requests (server-wide: a request whose steps are all easy must not
+    be forced to fire on a share of them)."""
 
     def __init__(self, size: int = 10_000) -> None:
         if size < 1:
@@ -124,12 +104,7 @@ class EntropyWindow:
 
 
 def sia_scores(logprobs: Floats, values: Floats, beta: float) -> torch.Tensor:
-    """Score each candidate as logit + β·V.
-
-    Log-probabilities stand in for raw logits: logprob_c = logit_c - logsumexp(logits) is
-    the same shift for every candidate, and softmax (at any temperature) and argmax do
-    not change under a common shift.
-    """
+    """Each candidate's logit + β·V (log-probabilities are logits up to a common shift)."""
     lp = torch.as_tensor(logprobs, dtype=torch.float64)
     v = torch.as_tensor(values, dtype=torch.float64)
     if lp.shape != v.shape:
@@ -146,12 +121,8 @@ def sia_choose(
     value_only: bool = False,
 ) -> int:
     """Index of the chosen candidate: argmax at T = 0 (ties → lowest index), else a sample
-    from softmax(scores / T) drawn with `generator`.
-
-    `value_only` is β = ∞ (JSON has no infinity, so it is a flag): the scores are V alone
-    (as the reference does for large weights) and at T = 0 equal values go to the higher
-    logit, then the lower index.
-    """
+    from softmax(scores / T). `value_only` is β = ∞ (JSON has no infinity): scores are V
+    alone, and at T = 0 equal values go to the higher logit."""
     scores = sia_scores(logprobs, values, 0.0 if value_only else beta)
     if scores.numel() == 0:
         raise ValueError("no candidates")
@@ -174,10 +145,7 @@ def sia_choose(
 def topk_sample(
     logprobs: Floats, temperature: float, generator: torch.Generator | None = None
 ) -> int:
-    """SIA's decoding outside junctions in the paper: a sample from the base's top-k at T.
-
-    softmax(logprob / T) over the k candidates (argmax at T = 0): SIA's choice with V = 0.
-    """
+    """SIA's decoding outside junctions in the paper: a sample from the base's top-k at T."""
     lp = torch.as_tensor(logprobs, dtype=torch.float64)
     return sia_choose(lp, torch.zeros_like(lp), 0.0, temperature, generator)
 
@@ -187,24 +155,17 @@ def topk_sample(
 
 def blend_alpha(p_hat_g: float, p_hat_b: float, p_b_of_tg: float, lam: float) -> float:
     """BlendIn's weight on the guidance model: clip(p̂_g/(p̂_b+p̂_g) + λ·p_b(t_g), 0, 1).
-
-    p̂_g, p̂_b are the two models' top-1 probabilities; p_b(t_g) is the base's probability
-    of the guidance's top-1 string (0 when the base's top-k lacks it). Two zero top-1
-    probabilities cannot come from real distributions; they give the neutral share 0.5.
-    """
+    p̂ are top-1 probabilities, p_b(t_g) the base's probability of the guidance's top-1
+    string (0 if absent). Two zero top-1s (no real distribution) give the neutral 0.5."""
     total = p_hat_g + p_hat_b
     share = p_hat_g / total if total > 0 else 0.5
     return min(1.0, max(0.0, share + lam * p_b_of_tg))
 
 
 def string_distribution(texts: Sequence[str], probs: Sequence[float]) -> dict[str, float]:
-    """Probability per decoded string: duplicates summed, "" (mid-UTF-8 character) dropped.
-
-    Keys keep the order of their first occurrence.
-    """
-    # This runs twice per BlendIn junction over 100 candidates, so it is built in C by
-    # `dict(zip())` (0.0 + p is p: the same floats); only when a string repeats (U+FFFD from
-    # byte tokens, say) is it summed in one Python pass, in order: the same floats as a sum.
+    """Probability per decoded string, in first-occurrence order: duplicates summed, ""
+    (mid-UTF-8 character) dropped."""
+    # Built in C (hot at BlendIn junctions); summed in Python only when a string repeats.
     dist = dict(zip(texts, probs, strict=True))
     dist.pop("", None)
     if len(dist) < len(texts) - texts.count(""):
@@ -217,31 +178,22 @@ def string_distribution(texts: Sequence[str], probs: Sequence[float]) -> dict[st
 
 
 def blend(base: dict[str, float], guidance: dict[str, float], alpha: float) -> dict[str, float]:
-    """α·p_g + (1−α)·p_b over the union of keys (a missing key has probability 0).
-
-    Keys come in the base's order, then the guidance-only keys in the guidance's order.
-    """
+    """α·p_g + (1−α)·p_b over the union of keys: the base's order, then guidance-only keys."""
     keys = list(base) + [key for key in guidance if key not in base]
     return {key: alpha * guidance.get(key, 0.0) + (1 - alpha) * base.get(key, 0.0) for key in keys}
 
 
 def start_key(text: str) -> str:
-    """The key a candidate string is matched by at the answer's first step.
-
-    Where the answer starts, the base continues a prompt (a plain text, or a transcript) and
-    the guidance model opens its own chat turn, so the same first word can come as " The"
-    from one model and "The" from the other. Dropping leading spaces makes them one key; a
-    string of only spaces keeps them (it is its own candidate), and newlines are kept (a line
-    break is a different choice than a word).
-    """
+    """The key a candidate string is matched by at the answer's first step: the base
+    continues a prompt while the guidance opens its own chat turn, so " The" and "The" must
+    match. Leading spaces go unless nothing else is left; newlines stay."""
     word = text.lstrip(" ")
     return word if word else text
 
 
 def answer_start(text: str, prompt_ends_in_space: bool) -> str:
-    """A guidance string as the first piece of the base's answer: a word gets the one space
-    that separates it from the base prompt, or none when the prompt already ends in
-    whitespace, so a guidance word is never glued to the prompt ("Answer:The")."""
+    """A guidance string as the first piece of the base's answer: a word gets one space
+    unless the prompt already ends in whitespace (never "Answer:The")."""
     word = start_key(text)
     if text == EOS_TEXT or not word or word[0].isspace():
         return text
@@ -258,18 +210,10 @@ def blendin_choose(
     alpha: float | None = None,
     at_start: bool = False,
 ) -> tuple[str, float]:
-    """One BlendIn junction: (argmax string of the blend, α).
-
-    Top-1 probabilities and the guidance's top-1 string t_g are taken per token (first
-    maximum). Ties in the blend go to the string listed first by `blend`, i.e. the base's
-    order wins. If no candidate of either list is a complete character, the base's top-1
-    text ("") is returned and the caller keeps the base's own token.
-
-    `alpha` fixes α instead of computing it (the BlendIn code's `blend_alpha` setting, its
-    fallback when the computed weight is not tuned for a pair). `at_start` matches strings by
-    `start_key` (the answer's first step); the chosen string is then returned as the base
-    wrote it when the base offered it, else as the guidance model did.
-    """
+    """One BlendIn junction: (argmax string of the blend, α); ties go to the base's order.
+    If no candidate is a complete character, the base's top-1 text ("") comes back and the
+    caller keeps the base's token. `alpha` fixes α (the BlendIn code's `blend_alpha`
+    setting); `at_start` matches by `start_key` and returns the base's spelling if it has it."""
     if not base_probs or not guidance_probs:
         raise ValueError("both top-k lists must be non-empty")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -290,8 +234,7 @@ def blendin_choose(
     best = _blend_argmax(p_base, p_guide, alpha)
     if best is None:
         return base_texts[base_top], alpha
-    # The string as written: the base's own form when it offered the key, else the guidance's
-    # (first occurrence; without `at_start` the key is the string itself).
+    # The string as written: the base's form when it offered the key, else the guidance's.
     for keys, texts in ((base_keys, base_texts), (guide_keys, guidance_texts)):
         if best in keys:
             return texts[keys.index(best)], alpha
@@ -299,16 +242,10 @@ def blendin_choose(
 
 
 def _blend_argmax(base: dict[str, float], guidance: dict[str, float], alpha: float) -> str | None:
-    """The first key of `blend(base, guidance, alpha)` with the largest weight, without
-    building the blend (this runs at every junction of every BlendIn request): the same
-    keys in the same order, each weight the same expression, so the same float, and the
-    same rule as `max` (the first item, replaced only by a larger one).
-
-    When each side's probabilities do not increase along its keys (top-k lists, whose
-    strings rarely repeat), a scan stops once no later key can beat the best: a base key
-    at or after one of probability p weighs at most α·max p_g + (1−α)·p, a guidance-only
-    key at or after one of probability q at most α·q — with rounding, as floats, since
-    rounding keeps x ≤ y ordered. Peaked distributions stop after a few keys."""
+    """The first key of `blend(base, guidance, alpha)` with the largest weight (the same
+    floats as `blend` + `max`), without building the blend. Where a side's probabilities do
+    not increase along its keys, its scan stops once no later key can beat the best (the
+    bound holds under float rounding)."""
     beta = 1 - alpha
     base_p, guide_p = list(base.values()), list(guidance.values())
     base_sorted = base_p == sorted(base_p, reverse=True)
@@ -336,16 +273,10 @@ def _blend_argmax(base: dict[str, float], guidance: dict[str, float], alpha: flo
 
 
 def word_finished(written: str, next_text: str) -> bool:
-    """True when the guidance writer should stop before appending `next_text`.
-
-    Words are whitespace-delimited, as in `str.split()`: the writer stops once it has
-    written some non-whitespace and a word boundary follows — `next_text` starts with
-    whitespace, or `written` already ends with it (tokenizers that put the space after a
-    word). Leading whitespace alone is not a word, so the writer carries on. Punctuation
-    stays with its word ("word," is one word). "" (mid-UTF-8 character) never stops it,
-    so a character is not split. EOS always stops it. Scripts without spaces rely on the
-    writer's token limit (`nudge_max_tokens`).
-    """
+    """True when the guidance writer should stop before appending `next_text`: once some
+    non-whitespace is written and whitespace starts `next_text` or ends `written` (words as
+    in `str.split()`). "" never stops (a character is not split), EOS always does; scripts
+    without spaces rely on `nudge_max_tokens`."""
     if next_text == EOS_TEXT:
         return True
     if not next_text or not written.strip():
@@ -357,26 +288,16 @@ REPEATED_ROUNDS = 3  # Nudging stops when a round's words repeat the last round'
 
 
 def base_resumes(base_text: str, guidance_next: str) -> bool:
-    """Nudging, right after a nudge: the base takes its own token back when that token is a
-    prefix of the guidance model's next word (the reference's acceptance rule: the base
-    already agrees with where the guidance is going, however unsure it is).
-
-    The writer stops at the first token of its next word, so `guidance_next` is that token,
-    not the whole word: a base token longer than it cannot be checked and counts as no
-    match (the guidance model then writes the word itself). "" (nothing known, or a
-    mid-character token) never matches; neither does an end of text.
-    """
+    """Nudging, right after a nudge: the base takes its token back when it is a prefix of
+    the guidance's next token (the reference's acceptance rule). "" and EOS never match."""
     return bool(base_text) and base_text != EOS_TEXT and guidance_next.startswith(base_text)
 
 
 @dataclass(slots=True)
 class NudgeRounds:
-    """Nudging's memory across junctions, as in the reference (Fei et al., `fywalter/nudging`).
-
-    A *round* is the words the guidance model writes in a row, until the base resumes. The
-    reference stops the answer when a round's words equal the previous round's for the
-    third time in a row (a loop the two models cannot leave).
-    """
+    """Nudging's memory across junctions, as in the reference (Fei et al., `fywalter/nudging`):
+    a round is the words the guidance writes until the base resumes; a round that repeats
+    the previous one for the third time in a row stops the answer (a loop)."""
 
     words: str = ""  # the running round's words
     next_text: str = ""  # the guidance model's first token after its last word
@@ -407,9 +328,8 @@ class NudgeRounds:
 
 
 def hybrid_kind(entropy_fires: bool, confidence_fires: bool) -> str | None:
-    """Which signal a hybrid step consults. When both tests fire, the guidance model wins:
-    it is the stronger signal (an aligned model's own next-token distribution, where the
-    value model is a small distilled estimate), and a step consults one model, not two."""
+    """Which signal a hybrid step consults; when both fire, the guidance model (the stronger
+    signal: an aligned model's own distribution, not a small distilled estimate)."""
     if confidence_fires:
         return "guidance"
     if entropy_fires:
@@ -422,9 +342,7 @@ def hybrid_kind(entropy_fires: bool, confidence_fires: bool) -> str | None:
 
 def run_ahead_stops(entropy: float, top1_prob: float, threshold: float | None,
                     tau: float | None) -> bool:
-    """Does this step end a run-ahead burst? It does where the request's policy would find a
-    junction: an entropy junction at `threshold`, a confidence junction at `tau` (each test
-    only when its setting is given)."""
+    """Does this step end a run-ahead burst: a junction at `threshold` or `tau` (None: no test)?"""
     return (threshold is not None and entropy_junction(entropy, threshold)) or (
         tau is not None and confidence_junction(top1_prob, tau)
     )

@@ -1,28 +1,20 @@
-"""The small data objects that cross the gateway/actor boundary.
-
-Everything here is compact and picklable: top-k lists, strings and floats. Full-vocabulary
-tensors never appear in these types, so they never leave a worker process.
-"""
+"""The small, picklable data objects that cross the gateway/actor boundary: top-k lists,
+strings and floats only, so full-vocabulary tensors never leave a worker."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-# The text key an end-of-sequence candidate carries in string-keyed distributions. Real text
-# never contains U+FFFF (a Unicode non-character), so it cannot collide with a decoded token.
+# EOS's key in string-keyed distributions: U+FFFF (a non-character) never occurs in real text.
 EOS_TEXT = "\uffff<eos>"
 
 
 @dataclass(slots=True, frozen=True)
 class Commit:
-    """A piece of the shared completion text, with the token ids that produced it.
-
-    `family` names the tokenizer the ids belong to. A runner whose tokenizer is of the same
-    family appends the ids as they are (exact, no re-tokenization); any other runner encodes
-    `text` with its own tokenizer (the text bridge). `text` may be "" when a token ends in the
-    middle of a UTF-8 character: the rest of the character arrives with a later commit.
-    """
+    """A piece of the shared completion text, with the token ids that produced it. A runner
+    of the same tokenizer `family` appends the ids as they are; any other encodes `text` (the
+    text bridge). `text` is "" when a token ends mid UTF-8 character."""
 
     text: str
     ids: tuple[int, ...] = ()
@@ -36,26 +28,23 @@ class Candidates:
     ids: list[int]
     texts: list[str]  # text each candidate appends in context; "" mid-character; EOS_TEXT for EOS
     logprobs: list[float]  # full-vocabulary log-probabilities, descending
-    entropy: float  # entropy (nats) of softmax over the top-k (entropy_k) logits; at most ln k
-    top1_prob: float  # full-vocabulary probability of the most likely token
+    entropy: float  # nats, over the top-k (entropy_k) logits only
+    top1_prob: float
 
 
 @dataclass(slots=True, frozen=True)
 class RunAhead:
     """How far a driver runner may decode on its own within one call (fewer round trips).
 
-    The runner keeps its own sampled token and steps again while the step is no junction
-    (`shared.steering.run_ahead_stops` with these settings; never inside an unfinished UTF-8
-    character), its token is not the end of text, fewer than `steps` steps were taken, and
-    the call has taken less than `seconds` (checked once per round, so a call's sequences stop
-    together, as they would step together one call at a time).
-    Only for requests whose every non-junction step commits the runner's own token.
+    It commits its own token while the step is no junction (`run_ahead_stops` at `threshold`
+    and `tau`; None: no test), not EOS, and within `steps` (counting the one returned) and
+    `seconds`. Only for requests whose every non-junction step commits the runner's token.
     """
 
-    steps: int  # the most steps this call may take, counting the one it returns (>= 1)
-    threshold: float | None  # SIA's entropy threshold H (fixed for the call); None: no test
-    tau: float | None  # the confidence threshold; None: no test
-    seconds: float = math.inf  # no step starts once the call has taken this long
+    steps: int
+    threshold: float | None
+    tau: float | None
+    seconds: float = math.inf
 
 
 @dataclass(slots=True)
@@ -69,21 +58,20 @@ class StepRequest:
     append: list[Commit] = field(default_factory=list)  # committed since this runner's last call
     logprobs: int | None = None  # also return the sampled token's and this many top logprobs
     entropy_k: int | None = None  # the entropy's top-k width when not k (hybrid: SIA's 10)
-    ahead: RunAhead | None = None  # may decode several steps in this call (see RunAhead)
+    ahead: RunAhead | None = None
 
 
 @dataclass(slots=True)
 class StepResult:
     seq_id: str
     top: Candidates
-    sampled_id: int  # the runner's own choice (argmax at temperature 0), from the full vocabulary
+    sampled_id: int  # the runner's own choice, from the full vocabulary
     sampled_text: str
-    mid_char: bool  # the sequence's text ends inside an unfinished UTF-8 character
-    processed: int  # tokens the model ran through its forward pass for this request (work)
-    sampled_logprob: float | None = None  # only when the request asked for logprobs
-    top_logprobs: list[tuple[str, float]] | None = None  # (text, logprob), as asked for
-    # Steps the runner took on its own before this one (`StepRequest.ahead`), in order: each
-    # committed its sampled token, which the runner's sequence already holds.
+    mid_char: bool  # the text ends inside an unfinished UTF-8 character
+    processed: int  # tokens run through the model for this request (work)
+    sampled_logprob: float | None = None
+    top_logprobs: list[tuple[str, float]] | None = None
+    # Run-ahead steps before this one, in order; already committed on the runner.
     earlier: list[StepResult] = field(default_factory=list)
 
 
@@ -99,10 +87,10 @@ class WordRequest:
 @dataclass(slots=True)
 class WordResult:
     seq_id: str
-    commit: Commit  # the word, with the writer's own ids and family
-    eos: bool  # the writer chose to end the sequence (right after the word, if there is one)
+    commit: Commit
+    eos: bool  # the writer ended the sequence (right after the word, if any)
     processed: int
-    next_text: str = ""  # the writer's choice after the word: where its next word starts
+    next_text: str = ""  # where the writer's next word starts
 
 
 @dataclass(slots=True)
@@ -112,7 +100,7 @@ class ScoreRequest:
     seq_id: str
     candidates: list[Commit]
     append: list[Commit] = field(default_factory=list)
-    # the driver's log-probabilities of the candidates (a log-ratio value model needs them)
+    # the driver's log-probabilities of the candidates (for a log-ratio value model)
     logprobs: list[float] | None = None
 
 
@@ -125,11 +113,7 @@ class ScoreResult:
 
 @dataclass(slots=True)
 class Failure:
-    """A runner could not serve one sequence of a batched call; the other sequences were served.
-
-    Returned in that sequence's place (step, score, write_words), so one bad sequence never
-    fails its batch-mates. `error` is one line, without a traceback.
-    """
+    """One sequence of a batched call that failed, in its place: its batch-mates are served."""
 
     seq_id: str
     error: str
@@ -155,16 +139,16 @@ class ModelInfo:
     max_context: int
     device: str
     calibration: dict | None = None  # value role: SIA's calibrated entropy thresholds, if any
-    value_kind: str | None = None  # value role: "head" or "log_ratio" (junction.shared.value_model)
+    value_kind: str | None = None  # value role: "head" or "log_ratio"
 
 
 @dataclass(slots=True)
 class StepLogprobs:
     """The driver model's log-probabilities at one step, for clients that asked for them."""
 
-    token: str  # the committed piece's text
-    logprob: float  # its log-probability under the driver (LOGPROB_FLOOR when not offered)
-    top: list[tuple[str, float]]  # the driver's most likely next pieces, descending
+    token: str
+    logprob: float  # LOGPROB_FLOOR when the driver did not offer the piece
+    top: list[tuple[str, float]]  # descending
 
 
 # vLLM's stand-in for -inf (JSON has no infinity): a piece the driver model did not offer.
@@ -173,17 +157,17 @@ LOGPROB_FLOOR = -9999.0
 
 @dataclass(slots=True)
 class TokenEvent:
-    """One committed step of a request, as streamed to clients."""
+    """One committed step of a request, as streamed to clients (figures are the driver's)."""
 
-    index: int  # decode step number within the request, from 0
-    text: str  # text this step appended ("" while a UTF-8 character is unfinished)
+    index: int
+    text: str  # "" while a UTF-8 character is unfinished
     source: str  # "base" | "value" | "guidance": who chose it
     junction: bool
     kind: str | None  # "value" | "guidance" at a junction, else None
-    entropy: float  # base (driver) top-k entropy at this step
-    top1_prob: float  # base (driver) top-1 probability at this step
+    entropy: float
+    top1_prob: float
     alpha: float | None = None  # BlendIn's weight on the guidance model at a junction
-    logprobs: StepLogprobs | None = None  # only when the request asked for logprobs
+    logprobs: StepLogprobs | None = None
 
 
 @dataclass(slots=True)
@@ -197,7 +181,7 @@ class GenerationResult:
     interventions: int
     by_kind: dict[str, int]
     work: dict[str, int]  # base_tokens, value_tokens, guidance_tokens actually processed
-    seed: int | None = None  # the request's random stream (drawn when it sampled unseeded)
+    seed: int | None = None  # drawn when an unseeded request sampled
 
     @property
     def intervention_rate(self) -> float:

@@ -1,18 +1,12 @@
 """SIA's token-level value model: a causal-LM backbone + LoRA + a scalar head.
 
-V(x, y≤t) is the head applied to the backbone's final hidden state at position t, so one
-forward pass over a sequence gives the value of every prefix of it. The backbone runs without
-its language-model head: the value model never pays for a full-vocabulary projection.
+V(x, y≤t) is the head on the final hidden state at t, so one forward gives every prefix's
+value, with no full-vocabulary LM head. On disk: the peft adapter, `value_head.safetensors`
+and `junction_value.json` (backbone source, LoRA settings, training).
 
-On disk a value model is a directory holding the peft adapter (`adapter_config.json`,
-`adapter_model.safetensors`), the head (`value_head.safetensors`) and `junction_value.json`
-(where the backbone came from, the LoRA settings, how it was trained).
-
-A second kind (`"kind": "log_ratio"` in `junction_value.json`, no head file) is LoRA on the
-base model itself: V(c) = log p_θ(c | x) − log p_base(c | x), the log-ratio of the adapted and
-the plain base's next-token probabilities — the emulated-fine-tuning form of a token-level
-value, so that logit + V ranks the base's candidates as the adapted model does. It scores the
-base's own tokens at a junction in one forward of the prefix (no candidate tokens to run).
+A second kind (`"kind": "log_ratio"`, no head) is LoRA on the base itself: V(c) =
+log p_θ(c | x) − log p_base(c | x), the emulated-fine-tuning form, so logit + V ranks the
+base's candidates as the adapted model does.
 """
 
 from __future__ import annotations

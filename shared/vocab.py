@@ -1,34 +1,13 @@
 """One tokenizer as the text bridge sees it: its ids' bytes and texts, and text's encoding.
 
-`shared.bridge` keeps a runner's ids in step with the shared text; this is what it asks of
-the tokenizer, built once per tokenizer (`vocab_of`) and shared by every sequence.
+Built once per tokenizer (`vocab_of`) and shared by every sequence. Text stays exact: special
+tokens are never text (EOS is `EOS_TEXT`; special-token strings in text encode as text),
+pieces are encoded without SentencePiece's prepended "▁", and a literal "▁" is encoded as
+byte tokens where the decoder would turn it into a space.
 
-What tokenizers do to text, and how the bridge keeps text exact:
-
-- Special tokens are never text: decoding skips them, EOS becomes `EOS_TEXT`, and when text
-  is encoded, special-token strings in it are encoded as plain text.
-- SentencePiece tokenizers that prepend "▁" to the first word (Llama, Mistral) would add a
-  space to every encoded piece; pieces are encoded with a copy of the tokenizer that does
-  not prepend. Their decoders also strip one leading space of a sequence, so right after a
-  prompt that decodes to nothing (say, only <bos>) a leading space of the completion is lost.
-- Metaspace tokenizers decode "▁" (U+2581) as a space; when the vocabulary has byte tokens,
-  a literal "▁" in text is encoded as its three `<0xNN>` bytes instead, which decode back
-  to "▁".
-
-Candidate texts (the top-k of every step, on every model) are the hot path. Right after a
-character boundary, with some text already decoded in the window, a token adds the same text
-whatever came before: the text of its piece as the decoder writes it after a plain "a". So
-each `Vocab` keeps a table of those texts, filled once per token id, and a step looks its
-candidates up instead of decoding each one in its window. Where that does not hold, the
-candidate is decoded in its window as before: unfinished-character bytes at the end of the
-text, and a window that decodes to nothing (decoders that strip a leading space). A
-byte-level decoder reads all bytes as one string, with a U+FFFD for each invalid part, so after
-a boundary even a token whose bytes are no UTF-8 text has one text. The byte tokens of
-byte-fallback decoders turn a whole run of byte tokens into U+FFFDs when the run is invalid,
-so their text depends on the byte tokens just before them: the two contexts of nearly every
-step (no run, an invalid run) have whole tables of their own; after a valid run (by how many
-characters the run would lose) the byte tokens' texts are patched in. A step looks its ids
-up in one C-level `itemgetter` call.
+Candidate texts are the hot path: right after a character boundary most tokens add the same
+text in any window, so each id is decoded once into a table (`texts_after_boundary`). The
+byte tokens of byte-fallback decoders depend on the byte tokens before them (`_after_run`).
 """
 
 from __future__ import annotations
@@ -136,9 +115,8 @@ class Vocab:
         self.missing_bytes = self._missing_bytes()
         self._anchor = self._plain_anchor()
         self._strips = "Strip" in types  # the decoder strips the text's start
-        # Whole tables for the two contexts that come at nearly every step, after no byte
-        # token and after an invalid run (a copy of `_texts` each: a third would cost as much
-        # memory again for the rare valid run, whose byte tokens are patched in instead).
+        # Whole tables for the two contexts of nearly every step (no byte token before, an
+        # invalid run); the rare valid run is patched in instead, to save a third copy.
         self._tables: dict[int | None, dict[int, str | None]] = {}
         self._after_valid: dict[int, dict[int, str | None]] = {}  # byte tokens after valid runs
         self._loose_bytes: frozenset[int] = frozenset()  # byte tokens that start no character
@@ -173,9 +151,8 @@ class Vocab:
         )
 
     def spell(self, text: str) -> str:
-        """`text` as this vocabulary can spell it: a character with a byte the byte-level
-        alphabet lacks (rare control characters, unassigned planes) becomes U+FFFD, or
-        nothing when U+FFFD cannot be spelled either."""
+        """`text` as this vocabulary can spell it: a character with a byte it lacks becomes
+        U+FFFD, or nothing when U+FFFD cannot be spelled either."""
         if not self.missing_bytes:
             return text
         replacement = "" if self._unspellable("\ufffd") else "\ufffd"
@@ -208,16 +185,11 @@ class Vocab:
     def texts_after_boundary(
         self, token_ids: Sequence[int], byte_run: bytes | None = UNKNOWN_RUN
     ) -> list[str | None]:
-        """The text each id appends right after a character boundary, in a window whose text
-        is not empty: "" for an unfinished character (or a special token); None where the
-        text depends on its neighbours (see the module docstring). Filled once per id.
-
-        `byte_run` is the bytes of the byte tokens that end the window (None: its last
-        non-special token is no byte token), which a byte token's text depends on: after
-        none, a byte token is a run of its own; after a valid run an ASCII byte keeps the
-        run valid and adds its character; after an invalid run every byte that starts no
-        character adds one U+FFFD. With the run unknown (the default), byte tokens are None,
-        save those that start a character."""
+        """The text each id appends right after a character boundary, in a non-empty window:
+        "" for an unfinished character or a special token, None where it depends on the
+        neighbours. `byte_run`: the bytes of the byte tokens ending the window (None: none),
+        which byte tokens' texts depend on; unknown (the default), byte tokens are None save
+        those that start a character."""
         table, after = self._texts, None
         if self._tables and byte_run != UNKNOWN_RUN:
             key = self._run_key(byte_run)
@@ -225,7 +197,7 @@ class Vocab:
                 table = self._tables[key]
             elif (after := self._after_valid.get(key)) is None:  # a valid run: patched in
                 after = self._after_valid[key] = self._after_run(key)
-        try:  # every id in one C-level lookup (this runs for each candidate list)
+        try:  # every id in one C-level lookup
             texts = _lookup(table, token_ids)
         except KeyError:  # ids not seen before: their texts, once
             self._fill_texts([i for i in dict.fromkeys(token_ids) if i not in self._texts])
@@ -245,17 +217,11 @@ class Vocab:
             return 0
 
     def _after_run(self, key: int | None) -> dict[int, str | None]:
-        """The byte tokens' texts after a boundary, by what came before (`_run_key`).
-
-        None: no run, so a byte token is a run of its own (`_byte_texts`). The decoder renders
-        a run that is no UTF-8 text as one U+FFFD per byte, so after an invalid run (0), which
-        stays invalid, a byte that starts no character adds a U+FFFD. After a valid run of n
-        bytes that decoded to m characters, an ASCII byte adds its character, and any other
-        byte makes the whole run invalid: the text grows from m characters to n + 1 U+FFFDs,
-        and what it adds past the old text's length is n + 1 - m of them, unless the decoder
-        strips the text's start (a run that opens the text with a space would lose it only
-        while valid), where it is decoded in the window. A byte that starts a character adds
-        "" in every context: it keeps its `_texts` entry, so only loose bytes are listed."""
+        """The byte tokens' texts after a boundary, by `_run_key`. An invalid run renders as
+        one U+FFFD per byte: after one (0), a byte that starts no character adds a U+FFFD.
+        After a valid run of n bytes and m characters, an ASCII byte adds its character and
+        any other invalidates the run, adding n + 1 - m U+FFFDs (None where the decoder
+        strips the text's start). Bytes that start a character keep "" from `_texts`."""
         if key is None:
             return dict(self._byte_texts)
         if key == 0:
@@ -276,10 +242,8 @@ class Vocab:
             self._texts.update(dict.fromkeys(token_ids))
             self._byte_texts.update(dict.fromkeys(byte_ids))
             return
-        # After a boundary, a token that leaves an unfinished character adds "" whatever came
-        # before (its text comes with the character's last byte). A byte token after a word
-        # is a run of its own: its character, or U+FFFD when it is no character alone (as the
-        # decoder writes a lone continuation byte).
+        # A token that leaves a character unfinished adds "" in any context; a byte token
+        # after a word is a run of its own (U+FFFD when it is no character alone).
         starts = {i for i in token_ids if self.pending_after(b"", [i])}
         texts: dict[int, str | None] = {i: "" if i in starts else None for i in token_ids}
         self._byte_texts.update((i, "") for i in byte_ids if i in starts)
@@ -293,13 +257,10 @@ class Vocab:
             table.update(texts)  # here after `_fill_byte_texts`, which runs before any table
 
     def _context_free(self, token_id: int) -> bool:
-        """Whether the token's text after a character boundary is the same in any window (a
-        token that starts a character aside): its bytes are whole characters, and it is no
-        byte token of a byte-fallback decoder (which renders a whole run of byte tokens as
-        U+FFFDs when the run is invalid, so an ASCII byte token after an invalid one is a
-        U+FFFD too). A byte-level decoder reads all the bytes as one string with U+FFFD for
-        each invalid part, and after a boundary no invalid part can reach back into the text
-        before, so any of its tokens that leaves no unfinished character is context-free."""
+        """Whether the token's text after a boundary is the same in any window: its bytes
+        are whole characters and it is no byte-fallback byte token (an invalid run turns them
+        all into U+FFFDs). A byte-level decoder never reaches back past a boundary, so all
+        its tokens qualify."""
         if token_id in self.byte_ids:
             return False
         return self.byte_level or valid_utf8(self.bytes_of(token_id))
@@ -308,9 +269,8 @@ class Vocab:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        # One by one: `Tokenizer.decode_batch` hands a few short windows to a thread pool,
-        # which costs more than it saves (measured 2-3x slower for 5-100 windows) and waits
-        # for a core when the model's own threads hold them all.
+        # One by one: `Tokenizer.decode_batch`'s thread pool costs more than it saves here
+        # (docs/benchmarks-history.md, "Per-token overhead").
         return [self.backend.decode(ids, skip_special_tokens=True) for ids in batch]
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -324,9 +284,7 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         """Ids that decode to exactly `spell(text)` when appended after a character boundary.
-
-        Another model's piece is encoded at every junction that takes it, and the same short
-        pieces come back again and again (words, U+FFFD): those are kept (a bounded table)."""
+        Short texts recur at junctions, so they are kept (a bounded table)."""
         if (known := self._encoded.get(text)) is not None:
             return list(known)
         ids = self._encode_text(text)

@@ -43,6 +43,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "junction_request_latency_seconds": ("histogram", frozenset()),
     "junction_actor_call_seconds": ("histogram", frozenset({"role"})),
     "junction_active_requests": ("gauge", frozenset()),
+    "junction_queued_requests": ("gauge", frozenset()),
+    "junction_queue_wait_seconds": ("histogram", frozenset()),
     "junction_base_entropy": ("histogram", frozenset()),
     "junction_blend_alpha": ("histogram", frozenset()),
     "junction_requests_total": ("counter", frozenset({"route", "status"})),

@@ -125,8 +125,9 @@ def server(tiny_config) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def limited(tiny_config) -> Iterator[Server]:
-    """One request at a time, and long ones allowed."""
-    limits = Limits(max_prompt_tokens=64, max_tokens=400, max_concurrency=1, max_n=2)
+    """One request at a time, none waiting (the next is refused at once), long ones allowed."""
+    limits = Limits(max_prompt_tokens=64, max_tokens=400, max_concurrency=1, max_n=2,
+                    max_queue=0)
     with serve(replace(tiny_config, limits=limits)) as srv:
         srv.wait_ready()
         yield srv
@@ -472,6 +473,22 @@ def test_over_concurrency_is_429_and_disconnect_frees_caches(limited: Server) ->
     assert httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "max_tokens": 2}).is_success
     assert metric(url, "junction_requests_total", route="/v1/generate", status="429") == 1
 
+
+
+def test_a_burst_over_the_limit_waits_in_the_queue_and_every_request_succeeds(
+    server: Server,
+) -> None:
+    """Twice `max_concurrency` (8) requests at once: none bounces, every one completes."""
+    url, n = server.url, 16
+    waits = metric(url, "junction_queue_wait_seconds_count")
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    with ThreadPoolExecutor(n) as pool:
+        replies = list(pool.map(
+            lambda _: httpx.post(f"{url}/v1/generate", json=body, timeout=120), range(n)))
+    assert [r.status_code for r in replies] == [200] * n
+    assert {r.json()["text"] for r in replies} == {replies[0].json()["text"]}  # greedy, alike
+    assert metric(url, "junction_queue_wait_seconds_count") == waits + n
+    assert metric(url, "junction_queued_requests") == 0
 
 
 def test_disconnect_without_stream_cancels(limited: Server) -> None:

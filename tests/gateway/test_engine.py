@@ -219,7 +219,7 @@ def test_limits(workers):
 
 def test_over_the_concurrency_limit_is_refused_and_nothing_leaks(workers):
     async def main():
-        async with started(workers, Limits(max_concurrency=1)) as engine:
+        async with started(workers, Limits(max_concurrency=1, max_queue=0)) as engine:
             first = await engine.submit(request("base", max_tokens=50))
             with pytest.raises(EngineOverloaded) as refused:
                 await engine.submit(request("base"))
