@@ -103,7 +103,7 @@ QUEUE_WAIT = MetricSpec(
     "histogram",
     (),
     "Seconds an admitted request waited for a slot (0 when one was free).",
-    (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0),
 )
 REQUEST_INTERVENTION_RATE = MetricSpec(
     "junction_request_intervention_rate",
