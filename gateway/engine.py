@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Protocol
+from typing import Any
 
 from junction.gateway.admission import (
     Admitting,
@@ -29,6 +29,7 @@ from junction.gateway.admission import (
     open_request,
 )
 from junction.gateway.calls import Batch, Calls
+from junction.gateway.observer import NullObserver, Observer
 from junction.gateway.pieces import step_logprobs
 from junction.gateway.policies import Policies
 from junction.gateway.sequence import GenerationRequest, Sequence, Status
@@ -48,27 +49,6 @@ from junction.shared.types import (
 __all__ = ["Engine", "EngineOverloaded", "NullObserver", "Observer", "WorkerDown"]
 
 log = logging.getLogger(__name__)
-
-
-class Observer(Protocol):
-    def on_token(self, seq: Sequence, event: TokenEvent) -> None: ...
-    def on_finish(self, seq: Sequence, result: GenerationResult) -> None: ...
-    def on_actor_call(self, role: str, seconds: float) -> None: ...
-    def on_wait(self, seconds: float) -> None: ...
-
-
-class NullObserver:
-    def on_token(self, seq: Sequence, event: TokenEvent) -> None:
-        pass
-
-    def on_finish(self, seq: Sequence, result: GenerationResult) -> None:
-        pass
-
-    def on_actor_call(self, role: str, seconds: float) -> None:
-        pass
-
-    def on_wait(self, seconds: float) -> None:
-        pass
 
 
 class Engine:
