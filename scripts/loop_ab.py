@@ -1,6 +1,6 @@
 """The in-process decode loop of two commits, side by side: ms per tick on the tiny pair.
 
-    python scripts/loop_ab.py 119985d HEAD --pairs 4 --reps 3 [--stub]
+    python scripts/loop_ab.py 119985d HEAD --pairs 4 --reps 3 [--stub] [--calls]
 
 Each commit is checked out in a temporary worktree and measured in processes of its own,
 alternating (A, B, A, B, ...), so a load that comes and goes on a shared machine falls on
@@ -10,7 +10,8 @@ median ms per tick; this script prints each side's median over the pairs and B �
 (median and range). It uses the commit's own `scripts/benchmark.py` helpers, so it measures
 any commit that has them, before or after the import root moved. With `--stub` the workers
 answer at once with canned summaries (a confidence junction every 4th step), so only the
-loop's own work is timed: what a change to the loop changes.
+loop's own work is timed: what a change to the loop changes. `--calls` counts the Python
+function calls of a run instead (cProfile), a measure the machine's load does not move.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 torch.set_num_threads(1)  # as the served workers of the tiny pair get
 import scripts.benchmark as b
 reps, sides, stub = int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "stub"
+calls = sys.argv[5] == "calls"
 try:
     from junction.shared.types import Candidates, ModelInfo, StepResult
 except ImportError:  # a commit from before the import root
@@ -97,7 +99,13 @@ async def one(policy, streams):
         await engine.close()
 for side in sides:
     asyncio.run(one(*side))  # warm-up
-times = {f"{p}/{n}": [asyncio.run(one(p, n)) for _ in range(reps)] for p, n in sides}
+def counted(policy, streams):
+    import cProfile, pstats
+    profile = cProfile.Profile()
+    profile.runcall(asyncio.run, one(policy, streams))
+    return pstats.Stats(profile).total_calls
+measure = counted if calls else lambda p, n: asyncio.run(one(p, n))
+times = {f"{p}/{n}": [measure(p, n) for _ in range(reps)] for p, n in sides}
 print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 """
 
@@ -109,10 +117,10 @@ def worktree(rev: str, into: Path) -> Path:
     return path
 
 
-def measure(tree: Path, reps: int, stub: bool) -> dict[str, float]:
+def measure(tree: Path, reps: int, stub: bool, calls: bool) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, str(tree), str(reps), json.dumps(SIDES),
-         "stub" if stub else "models"],
+         "stub" if stub else "models", "calls" if calls else "ms"],
         cwd=tree, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,6 +132,9 @@ def main() -> None:
     parser.add_argument("b", help="commit B")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--calls", action="store_true",
+                        help="count the Python function calls of one run (cProfile) instead "
+                        "of timing it: the same on every run, whatever the machine's load")
     parser.add_argument("--stub", action="store_true",
                         help="workers that answer at once with canned summaries: the loop's "
                         "own cost, without the models' (which dominate and vary)")
@@ -134,13 +145,14 @@ def main() -> None:
             runs: dict[str, list[dict]] = {args.a: [], args.b: []}
             for pair in range(args.pairs):
                 for rev in (args.a, args.b) if pair % 2 == 0 else (args.b, args.a):
-                    runs[rev].append(measure(trees[rev], args.reps, args.stub))
+                    runs[rev].append(measure(trees[rev], args.reps, args.stub, args.calls))
                     print(f"pair {pair + 1}: {rev} {runs[rev][-1]}", file=sys.stderr)
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=False)
-    print(f"{'ms per tick':14s} {args.a:>10s} {args.b:>10s}   B ÷ A per pair: median [range]")
+    unit = "calls per run" if args.calls else "ms per tick"
+    print(f"{unit:14s} {args.a:>10s} {args.b:>10s}   B ÷ A per pair: median [range]")
     for side in runs[args.a][0]:
         a = [r[side] for r in runs[args.a]]
         b = [r[side] for r in runs[args.b]]
