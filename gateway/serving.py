@@ -50,18 +50,23 @@ async def admit(engine: Engine, reqs: list[GenerationRequest]) -> list[Sequence]
                 submit.cancel()  # an open answered for nobody is closed again (`Engine`)
             elif not submit.cancelled() and submit.exception() is None:
                 engine.cancel(submit.result())
-        if isinstance(exc, EngineOverloaded):
-            retry = {"Retry-After": str(exc.retry_after)}
-            raise ApiError(429, str(exc), headers=retry) from exc
-        if isinstance(exc, WorkerDown):  # a new worker is starting in place of a dead one
-            raise ApiError(503, str(exc), kind="unavailable",
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
+        if isinstance(exc, EngineOverloaded | WorkerDown):
+            raise retry_later(exc) from exc
         if isinstance(exc, WorkerUnavailable):  # an actor is restarting after its process died
             raise ApiError(503, "a worker is unavailable; retry later",
                            headers={"Retry-After": "5"}) from exc
         if isinstance(exc, ValueError):
             raise bad_request(exc) from exc
         raise
+
+
+def retry_later(exc: EngineOverloaded | WorkerDown) -> ApiError:
+    """429 when the queue is full or a wait timed out; 503 while a new worker starts in place
+    of a dead one. Both say when to retry."""
+    retry = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, WorkerDown):
+        return ApiError(503, str(exc), kind="unavailable", headers=retry)
+    return ApiError(429, str(exc), headers=retry)
 
 
 async def _cancel_on_disconnect(request: Request, engine: Engine, seqs: list[Sequence]) -> None:
@@ -167,12 +172,8 @@ async def best_result(engine: Engine, req: GenerationRequest, n: int) -> Generat
     """N sampled completions through the engine, the best by the value model."""
     try:
         best, _ = await best_of_n(engine, req, n, ValueScorer())
-    except EngineOverloaded as exc:
-        retry = {"Retry-After": str(exc.retry_after)}
-        raise ApiError(429, str(exc), headers=retry) from exc
-    except WorkerDown as exc:
-        retry = {"Retry-After": str(exc.retry_after)}
-        raise ApiError(503, str(exc), kind="unavailable", headers=retry) from exc
+    except (EngineOverloaded, WorkerDown) as exc:
+        raise retry_later(exc) from exc
     except ValueError as exc:
         message = str(exc)
         if message.startswith("best-of-N by value") or message.startswith("n:"):

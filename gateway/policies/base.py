@@ -158,12 +158,13 @@ class Policies:
         """Have `observe` see every driver step of every request, junction or not."""
         self._observers.append(observe)
 
-    def on_start(self, start: Callable[[], None], report: tuple[str, Callable[[], dict]]
-                 | None = None) -> None:
-        """Run `start` once the workers are known; `report` adds a section to /info."""
+    def on_start(self, start: Callable[[], None]) -> None:
+        """Run `start` once the workers are known."""
         self._starts.append(start)
-        if report is not None:
-            self._reports[report[0]] = report[1]
+
+    def report(self, key: str, report: Callable[[], dict]) -> None:
+        """Add `key`, what `report` answers, to /info."""
+        self._reports[key] = report
 
     def start(self) -> None:
         for start in self._starts:

@@ -44,7 +44,8 @@ class Thresholds:
         # Per top-k width: the recent base entropies of every request, whatever its policy.
         self.entropies: defaultdict[int, EntropyWindow] = defaultdict(EntropyWindow)
         policies.on_step(self.observe)
-        policies.on_start(self.start, ("sia", self.info))
+        policies.on_start(self.start)
+        policies.report("sia", self.info)
 
     def start(self) -> None:
         """Take the value model's calibration, if it was measured on the base being served."""
